@@ -1,0 +1,1 @@
+"""LAN service discovery over mDNS/DNS-SD (python-zeroconf)."""

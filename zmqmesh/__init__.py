@@ -1,0 +1,117 @@
+"""zmqmesh: brokerless messaging on ZeroMQ.
+
+The core parts live here: the wire envelope, errors, clocks, backoff, the
+socket factory, metrics and endpoint sources. The messaging patterns are in
+the `patterns` package and mDNS discovery in `discovery`.
+"""
+
+from __future__ import annotations
+
+from ._backoff import Backoff
+from ._clock import Clock, MonotonicClock
+from ._envelope import (
+    PROTOCOL_VERSION,
+    Ack,
+    Codec,
+    Data,
+    Header,
+    IdSource,
+    Message,
+    Reply,
+    decode_header,
+    encode_body,
+    encode_header,
+    message_id,
+)
+from ._errors import (
+    ClosedError,
+    ConfigError,
+    ConnectError,
+    CorruptRecord,
+    DiscoveryError,
+    LocalProtocolError,
+    MeshError,
+    PeerExpired,
+    ProtocolError,
+    RemoteError,
+    RemoteProtocolError,
+    RequestTimeout,
+    SendError,
+    SpoolError,
+    SpoolFull,
+    Timeout,
+    TransportError,
+    map_zmq_errors,
+)
+from ._metrics import Histogram, Metrics
+from ._sockets import (
+    DEFAULT_HWM,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    CurveOptions,
+    Endpoint,
+    bind,
+    close_socket,
+    connect,
+    make_socket,
+    parse_endpoint,
+    random_tcp_endpoint,
+)
+from ._sources import EndpointSource, PeerEvent, StaticPeers
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # envelope
+    "PROTOCOL_VERSION",
+    "Ack",
+    "Codec",
+    "Data",
+    "Header",
+    "IdSource",
+    "Message",
+    "Reply",
+    "decode_header",
+    "encode_body",
+    "encode_header",
+    "message_id",
+    # errors
+    "ClosedError",
+    "ConfigError",
+    "ConnectError",
+    "CorruptRecord",
+    "DiscoveryError",
+    "LocalProtocolError",
+    "MeshError",
+    "PeerExpired",
+    "ProtocolError",
+    "RemoteError",
+    "RemoteProtocolError",
+    "RequestTimeout",
+    "SendError",
+    "SpoolError",
+    "SpoolFull",
+    "Timeout",
+    "TransportError",
+    "map_zmq_errors",
+    # time
+    "Backoff",
+    "Clock",
+    "MonotonicClock",
+    # sockets
+    "DEFAULT_HWM",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "CurveOptions",
+    "Endpoint",
+    "bind",
+    "close_socket",
+    "connect",
+    "make_socket",
+    "parse_endpoint",
+    "random_tcp_endpoint",
+    # metrics and peers
+    "EndpointSource",
+    "Histogram",
+    "Metrics",
+    "PeerEvent",
+    "StaticPeers",
+]
