@@ -11,7 +11,7 @@ from __future__ import annotations
 import bisect
 from typing import Final
 
-__all__ = ["Histogram", "Metrics"]
+__all__ = ["Histogram", "Metrics", "render_prometheus"]
 
 #: Latency bucket upper bounds in seconds, 10 us to 10 s.
 LATENCY_BUCKETS: Final = (
@@ -84,3 +84,55 @@ class Metrics:
             out[f"{name}_p50"] = h.quantile(0.5)
             out[f"{name}_p99"] = h.quantile(0.99)
         return out
+
+
+def _label(value: str) -> str:
+    # Label values escape backslash, double quote and newline (Prometheus text format 0.0.4).
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c == "_" else "_" for c in name)
+    return f"zmqmesh_{cleaned}"
+
+
+def _number(value: float) -> str:
+    if value == float("inf"):
+        return "+Inf"
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def render_prometheus(components: list[Metrics]) -> str:
+    """Every component's metrics in the Prometheus text exposition format (version 0.0.4).
+
+    One family per metric name, with the component as a label, so that a
+    relay hosting a forwarder and two queues exposes `zmqmesh_messages_in_total
+    {component="jobs"}` and so on. Counters get the `_total` suffix.
+    """
+    families: dict[str, tuple[str, list[str]]] = {}
+
+    def add(name: str, kind: str, line: str) -> None:
+        families.setdefault(name, (kind, []))[1].append(line)
+
+    for m in components:
+        comp = f'component="{_label(m.component)}"'
+        for key, value in sorted(m.counters.items()):
+            name = _metric_name(key) + "_total"
+            add(name, "counter", f"{name}{{{comp}}} {_number(value)}")
+        for key, gauge in sorted(m.gauges.items()):
+            name = _metric_name(key)
+            add(name, "gauge", f"{name}{{{comp}}} {_number(gauge)}")
+        for key, hist in sorted(m.histograms.items()):
+            name = _metric_name(key) + "_seconds"
+            cumulative = 0
+            for bound, n in zip((*hist.bounds, float("inf")), hist.counts, strict=True):
+                cumulative += n
+                le = _number(bound) if bound != float("inf") else "+Inf"
+                add(name, "histogram", f'{name}_bucket{{{comp},le="{le}"}} {cumulative}')
+            add(name, "histogram", f"{name}_sum{{{comp}}} {_number(hist.sum)}")
+            add(name, "histogram", f"{name}_count{{{comp}}} {hist.count}")
+    out: list[str] = []
+    for name, (kind, lines) in families.items():
+        out.append(f"# TYPE {name} {kind}")
+        out.extend(lines)
+    return "\n".join(out) + "\n"

@@ -1,0 +1,90 @@
+"""Relay configuration decoding and the Prometheus exposition."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from zmqmesh import ConfigError, Metrics
+from zmqmesh._config import load_config, parse_config
+from zmqmesh._metrics import render_prometheus
+
+GOOD = """
+[node]
+name = "r1"
+grace = 2.5
+
+[[forwarder]]
+name = "events"
+frontend = "tcp://127.0.0.1:5550"
+backend = "tcp://127.0.0.1:5551"
+announce = "events"
+
+[[queue]]
+name = "jobs"
+frontend = "tcp://127.0.0.1:5555"
+backend = "tcp://127.0.0.1:5556"
+max_attempts = 5
+"""
+
+
+def test_good_config_decodes() -> None:
+    config = parse_config(GOOD, "relay.toml")
+    assert config.node.name == "r1" and config.node.grace == 2.5
+    assert [c.name for c in config.components()] == ["events", "jobs"]
+    assert config.queue[0].max_attempts == 5 and config.queue[0].heartbeat == 1.0
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (("max_attempts = 5", "max_atempts = 5"), "key 'queue[0].max_atempts': unknown key"),
+        (("max_attempts = 5", 'max_attempts = "5"'), "key 'queue[0].max_attempts': Expected `int`"),
+        (
+            ("max_attempts = 5", "max_attempts = 0"),
+            "key 'queue[0].max_attempts': Expected `int` >= 1",
+        ),
+        (("tcp://127.0.0.1:5556", "tcp://127.0.0.1"), "key 'queue[0].backend': endpoint"),
+        (("[node]", "[nod]"), "key 'nod': unknown key"),
+        (('name = "jobs"', 'name = "events"'), "key 'queue[0].name': duplicate name 'events'"),
+        (("grace = 2.5", "grace = "), "not valid TOML"),
+    ],
+)
+def test_config_errors_name_the_file_and_key(edit: tuple[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(GOOD.replace(*edit), "relay.toml")
+    text = str(info.value)
+    assert text.startswith("relay.toml:") and message in text and "\n" not in text
+
+
+def test_missing_file(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_no_components() -> None:
+    with pytest.raises(ConfigError, match="declares no components"):
+        parse_config("[node]\nname = 'x'\n", "relay.toml")
+
+
+def test_prometheus_exposition_parses_and_matches() -> None:
+    jobs, events = Metrics("jobs"), Metrics('ev"ents')
+    jobs.inc("messages_in", 7)
+    jobs.set_gauge("queue_depth", 3)
+    for v in (0.0001, 0.002, 0.3):
+        jobs.observe("latency", v)
+    events.inc("messages_in", 2)
+    families = {
+        f.name: f for f in text_string_to_metric_families(render_prometheus([jobs, events]))
+    }
+    samples = {(s.name, s.labels.get("component"), s.labels.get("le")): s.value
+               for f in families.values() for s in f.samples}  # fmt: skip
+    assert families["zmqmesh_messages_in"].type == "counter"
+    assert samples[("zmqmesh_messages_in_total", "jobs", None)] == 7
+    assert samples[("zmqmesh_messages_in_total", 'ev"ents', None)] == 2
+    assert samples[("zmqmesh_queue_depth", "jobs", None)] == 3
+    assert samples[("zmqmesh_latency_seconds_count", "jobs", None)] == 3
+    assert samples[("zmqmesh_latency_seconds_bucket", "jobs", "0.0025")] == 2
+    assert samples[("zmqmesh_latency_seconds_bucket", "jobs", "+Inf")] == 3
