@@ -88,3 +88,21 @@ def test_prometheus_exposition_parses_and_matches() -> None:
     assert samples[("zmqmesh_latency_seconds_count", "jobs", None)] == 3
     assert samples[("zmqmesh_latency_seconds_bucket", "jobs", "0.0025")] == 2
     assert samples[("zmqmesh_latency_seconds_bucket", "jobs", "+Inf")] == 3
+
+
+def test_metrics_http_endpoint() -> None:
+    import urllib.request
+
+    from zmqmesh._metrics_http import MetricsServer
+
+    m = Metrics("jobs")
+    m.inc("messages_in", 4)
+    with MetricsServer(lambda: [m]) as server:
+        with urllib.request.urlopen(server.url, timeout=5) as resp:
+            assert resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = resp.read().decode()
+        m.inc("messages_in")
+        with urllib.request.urlopen(server.url, timeout=5) as resp:
+            again = resp.read().decode()
+    assert 'zmqmesh_messages_in_total{component="jobs"} 4' in text
+    assert 'zmqmesh_messages_in_total{component="jobs"} 5' in again
