@@ -1,0 +1,423 @@
+"""Drivers of the Paranoid Pirate queue: `Queue` (blocking) and `AsyncQueue` (asyncio).
+
+Both are thin loops over `patterns._proto.pirate_queue.QueueMachine`: wait
+until a socket is readable or the machine's next deadline, feed frames in,
+send what comes out. They share `_QueueCore`, which does the non-blocking
+part (drain a batch, flush the outboxes); only the wait differs. The public
+names are re-exported by `patterns.pirate`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Final
+
+import zmq
+import zmq.asyncio
+
+from zmqmesh import (
+    DEFAULT_HWM,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    Clock,
+    ClosedError,
+    CurveOptions,
+    Metrics,
+    MonotonicClock,
+    bind,
+    close_socket,
+    make_socket,
+)
+from zmqmesh._deadletter import DeadLetter, DeadLetterSink, MemoryDeadLetters
+
+from ._proto.pirate_queue import QueueMachine
+
+__all__ = ["AsyncQueue", "Queue"]
+
+log = logging.getLogger("zmqmesh.pirate.queue")
+
+_BATCH: Final = 256  # messages taken from one socket per wake-up
+
+
+def _as_list(value: str | Sequence[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+class _QueueCore:
+    """Sockets, machine and the non-blocking steps shared by both drivers."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        frontend: str | Sequence[str],
+        backend: str | Sequence[str],
+        *,
+        heartbeat: float,
+        liveness: int,
+        max_attempts: int,
+        request_ttl: float | None,
+        aging: float | None,
+        max_backlog: int,
+        dead_letters: DeadLetterSink | None,
+        curve: CurveOptions | None,
+        hwm: int,
+        max_message_size: int | None,
+        clock: Clock | None,
+        name: str,
+    ) -> None:
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
+        self.metrics = Metrics(name)
+        self.sink: DeadLetterSink = (
+            dead_letters if dead_letters is not None else MemoryDeadLetters()
+        )
+        self.machine = QueueMachine(
+            now=self.clock.now(),
+            heartbeat=heartbeat,
+            liveness=liveness,
+            max_attempts=max_attempts,
+            request_ttl=request_ttl,
+            aging=aging,
+            max_backlog=max_backlog,
+            dead_letters=self.sink,
+            metrics=self.metrics,
+            wall_ns=time.time_ns,
+            name=name,
+        )
+        opts = {"sndhwm": hwm, "rcvhwm": hwm, "max_message_size": max_message_size, "curve": curve}
+        self.frontend = make_socket(ctx, zmq.ROUTER, **opts)  # type: ignore[arg-type]
+        self.backend: zmq.Socket[bytes] | None = None
+        try:
+            self.backend = make_socket(ctx, zmq.ROUTER, **opts)  # type: ignore[arg-type]
+            self.frontend_endpoints = [bind(self.frontend, ep) for ep in _as_list(frontend)]
+            self.backend_endpoints = [bind(self.backend, ep) for ep in _as_list(backend)]
+        except BaseException:
+            self.close_sockets()
+            raise
+        # Plain sockets for the non-blocking steps (the asyncio driver waits on its
+        # own sockets and does the work through these shadows of the same sockets).
+        self.fe: zmq.Socket[bytes] = zmq.Socket.shadow(self.frontend.underlying)
+        self.be: zmq.Socket[bytes] = zmq.Socket.shadow(self.backend.underlying)
+
+    def drain_backend(self, now: float) -> None:
+        recv = self.be.recv_multipart
+        handle = self.machine.worker_message
+        for _ in range(_BATCH):
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            handle(frames, now)
+
+    def drain_frontend(self, now: float) -> None:
+        m = self.machine
+        recv = self.fe.recv_multipart
+        handle = m.client_message
+        for _ in range(_BATCH):
+            if not m.want_frontend:
+                break
+            try:
+                frames = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            handle(frames, now)
+            if m.backend_out:
+                self.flush_backend(now)
+
+    def flush_backend(self, now: float) -> None:
+        m = self.machine
+        send = self.be.send_multipart
+        while m.backend_out:
+            batch, m.backend_out = m.backend_out, []
+            for frames in batch:
+                try:
+                    send(frames, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    # EHOSTUNREACH (ROUTER_MANDATORY: the worker's connection is gone)
+                    # or EAGAIN (its pipe is full): either way it cannot take work now.
+                    m.worker_unreachable(frames[0], now)
+
+    def flush(self, now: float) -> None:
+        self.flush_backend(now)
+        m = self.machine
+        if m.frontend_out:
+            send = self.fe.send_multipart
+            batch, m.frontend_out = m.frontend_out, []
+            for frames in batch:
+                try:
+                    send(frames, zmq.NOBLOCK)
+                except zmq.ZMQError:
+                    # The client's socket is gone (a Lazy Pirate retry makes a new one,
+                    # which the merged request already answers) or is not reading.
+                    self.metrics.counters["replies_unroutable"] += 1
+
+    def step(self, backend_ready: bool, frontend_ready: bool) -> None:
+        """Everything a wake-up does: read ready sockets, run timers, send."""
+        m = self.machine
+        now = self.clock.now()
+        if backend_ready:
+            self.drain_backend(now)
+            self.flush(now)
+        if frontend_ready:
+            self.drain_frontend(now)
+            self.flush(now)
+        if now >= m.next_deadline():
+            m.tick(now)
+            self.flush(now)
+        m.update_gauges()
+
+    def timeout(self) -> float:
+        """Seconds until the machine's next deadline (never negative)."""
+        return max(0.0, self.machine.next_deadline() - self.clock.now())
+
+    def close_sockets(self) -> None:
+        close_socket(self.frontend)
+        close_socket(self.backend)
+
+
+class Queue:
+    """A Paranoid Pirate queue (RFC 6): clients -> frontend ROUTER, workers -> backend ROUTER.
+
+    `run()` serves in the calling thread until `stop()`; `start()` runs it on a
+    thread. Options: `heartbeat` interval in seconds (default 1.0), `liveness`
+    missed heartbeats before a worker is dead (3), `max_attempts` deliveries of
+    a request before it is dead-lettered (3), `request_ttl` seconds a request
+    may wait (None: forever, unless its envelope sets `ttl_ms`), `aging`
+    seconds per priority level gained while waiting (1.0; None for strict
+    priority), `max_backlog` requests held in the priority lanes while no
+    worker is idle (1000), `dead_letters` sink (in memory by default).
+    """
+
+    def __init__(
+        self,
+        *,
+        frontend: str | Sequence[str],
+        backend: str | Sequence[str],
+        heartbeat: float = 1.0,
+        liveness: int = 3,
+        max_attempts: int = 3,
+        request_ttl: float | None = None,
+        aging: float | None = 1.0,
+        max_backlog: int = 1000,
+        dead_letters: DeadLetterSink | None = None,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve: CurveOptions | None = None,
+        hwm: int = DEFAULT_HWM,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        clock: Clock | None = None,
+        name: str = "queue",
+    ) -> None:
+        self._ctx = ctx or zmq.Context.instance()
+        self._core = _QueueCore(
+            self._ctx,
+            frontend,
+            backend,
+            heartbeat=heartbeat,
+            liveness=liveness,
+            max_attempts=max_attempts,
+            request_ttl=request_ttl,
+            aging=aging,
+            max_backlog=max_backlog,
+            dead_letters=dead_letters,
+            curve=curve,
+            hwm=hwm,
+            max_message_size=max_message_size,
+            clock=clock,
+            name=name,
+        )
+        self.metrics = self._core.metrics
+        self.frontend_endpoints = self._core.frontend_endpoints
+        self.backend_endpoints = self._core.backend_endpoints
+        # An inproc pair wakes the loop at once on stop() (sockets stay single-threaded:
+        # the loop reads `_wake_rx`, stop() writes `_wake_tx`).
+        self._wake_rx = make_socket(self._ctx, zmq.PAIR)
+        self._wake_tx = make_socket(self._ctx, zmq.PAIR)
+        wake = f"inproc://zmqmesh-queue-wake-{os.getpid()}-{id(self):x}"
+        self._wake_rx.bind(wake)
+        self._wake_tx.connect(wake)
+        self._wake_lock = threading.Lock()
+        self._stopping = False
+        self._running = False
+        self._thread: threading.Thread | None = None
+
+    @property
+    def sink(self) -> DeadLetterSink:
+        return self._core.sink
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Requests given up on, oldest first, each with its reason and attempt history."""
+        return self._core.sink.list()
+
+    def run(self) -> None:
+        """Serve until `stop()` (from another thread or a signal handler)."""
+        core = self._core
+        if core.frontend.closed:
+            raise ClosedError(f"queue {core.machine.name} is closed; make a new Queue")
+        both = zmq.Poller()
+        both.register(core.backend, zmq.POLLIN)
+        both.register(core.frontend, zmq.POLLIN)
+        both.register(self._wake_rx, zmq.POLLIN)
+        backend_only = zmq.Poller()
+        backend_only.register(core.backend, zmq.POLLIN)
+        backend_only.register(self._wake_rx, zmq.POLLIN)
+        be, fe, m = core.backend, core.frontend, core.machine
+        self._running = True
+        try:
+            while not self._stopping:
+                poller = both if m.want_frontend else backend_only
+                events = poller.poll(math.ceil(core.timeout() * 1000.0))
+                backend_ready = frontend_ready = False
+                for sock, _ in events:
+                    if sock is be:
+                        backend_ready = True
+                    elif sock is fe:
+                        frontend_ready = True
+                    else:
+                        return
+                core.step(backend_ready, frontend_ready)
+        finally:
+            self._running = False
+            self._close()
+
+    def start(self) -> Queue:
+        """Run the queue on a daemon thread; returns self."""
+        self._thread = threading.Thread(target=self.run, name="zmqmesh-queue", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask the loop to finish (thread-safe); `close()` also waits for it."""
+        self._stopping = True
+        with self._wake_lock:
+            if not self._wake_tx.closed:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._wake_tx.send(b"", zmq.NOBLOCK)
+
+    def close(self) -> None:
+        """Stop serving and close the sockets (linger 0)."""
+        self.stop()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if not self._running:
+            self._close()
+
+    def _close(self) -> None:
+        self._core.close_sockets()
+        close_socket(self._wake_rx)
+        with self._wake_lock:
+            close_socket(self._wake_tx)
+
+    def __enter__(self) -> Queue:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncQueue:
+    """The asyncio twin of `Queue`: `await run()`, or `start()` as a task; `aclose()`."""
+
+    def __init__(
+        self,
+        *,
+        frontend: str | Sequence[str],
+        backend: str | Sequence[str],
+        heartbeat: float = 1.0,
+        liveness: int = 3,
+        max_attempts: int = 3,
+        request_ttl: float | None = None,
+        aging: float | None = 1.0,
+        max_backlog: int = 1000,
+        dead_letters: DeadLetterSink | None = None,
+        ctx: zmq.asyncio.Context | None = None,
+        curve: CurveOptions | None = None,
+        hwm: int = DEFAULT_HWM,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        clock: Clock | None = None,
+        name: str = "queue",
+    ) -> None:
+        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._core = _QueueCore(
+            self._ctx,  # type: ignore[arg-type]
+            frontend,
+            backend,
+            heartbeat=heartbeat,
+            liveness=liveness,
+            max_attempts=max_attempts,
+            request_ttl=request_ttl,
+            aging=aging,
+            max_backlog=max_backlog,
+            dead_letters=dead_letters,
+            curve=curve,
+            hwm=hwm,
+            max_message_size=max_message_size,
+            clock=clock,
+            name=name,
+        )
+        self.metrics = self._core.metrics
+        self.frontend_endpoints = self._core.frontend_endpoints
+        self.backend_endpoints = self._core.backend_endpoints
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def sink(self) -> DeadLetterSink:
+        return self._core.sink
+
+    def dead_letters(self) -> list[DeadLetter]:
+        """Requests given up on, oldest first, each with its reason and attempt history."""
+        return self._core.sink.list()
+
+    async def run(self) -> None:
+        """Serve until cancelled or `aclose()`."""
+        core = self._core
+        if core.frontend.closed:
+            raise ClosedError(f"queue {core.machine.name} is closed; make a new AsyncQueue")
+        both = zmq.asyncio.Poller()
+        both.register(core.backend, zmq.POLLIN)
+        both.register(core.frontend, zmq.POLLIN)
+        backend_only = zmq.asyncio.Poller()
+        backend_only.register(core.backend, zmq.POLLIN)
+        be, m = core.backend, core.machine
+        try:
+            while True:
+                poller = both if m.want_frontend else backend_only
+                timeout = core.timeout()
+                events = await poller.poll(timeout * 1000.0 if timeout > 0 else 0)
+                backend_ready = frontend_ready = False
+                for sock, _ in events:
+                    if sock is be:
+                        backend_ready = True
+                    else:
+                        frontend_ready = True
+                core.step(backend_ready, frontend_ready)
+                if not events:
+                    # A zero-timeout poll returns at once; give other tasks a turn.
+                    await asyncio.sleep(0)
+        finally:
+            core.close_sockets()
+
+    def start(self) -> AsyncQueue:
+        """Run the queue as a task on the running loop; returns self."""
+        self._task = asyncio.get_running_loop().create_task(self.run(), name="zmqmesh-queue")
+        return self
+
+    async def aclose(self) -> None:
+        """Stop serving and close the sockets (linger 0)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        self._core.close_sockets()
+
+    async def __aenter__(self) -> AsyncQueue:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
