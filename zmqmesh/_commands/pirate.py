@@ -15,15 +15,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 
 from .._backoff import Backoff
 from .._envelope import Message
 from .._errors import ConfigError
+from .._metrics import Metrics
 from .._sockets import parse_endpoint
 
 __all__ = ["register"]
@@ -88,6 +91,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(default 1000; 0 reads clients only while a worker is idle)",
     )
     q.add_argument("--name", default="queue", help="name in logs, metrics and dead letters")
+    q.add_argument(
+        "--stats",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="print the counters and gauges as one JSON line on stderr every S seconds",
+    )
     q.set_defaults(func=run_queue)
 
     w = sub.add_parser(
@@ -210,13 +220,33 @@ def run_queue(args: argparse.Namespace) -> int:
     )
     print(f"frontend {' '.join(queue.frontend_endpoints)}", flush=True)
     print(f"backend {' '.join(queue.backend_endpoints)}", flush=True)
+    done = threading.Event()
+    stats = None
+    if args.stats is not None:
+        stats = threading.Thread(
+            target=_print_stats, args=(queue.metrics, args.stats, done), daemon=True
+        )
+        stats.start()
     try:
         with _stop_on_sigterm(queue.stop):
             queue.run()
     finally:
+        done.set()
+        if stats is not None:
+            stats.join()
         queue.close()
         _report(queue.metrics.snapshot(), len(queue.dead_letters()), args.name)
     return 0
+
+
+def _print_stats(metrics: Metrics, every: float, done: threading.Event) -> None:
+    # Reads only: a snapshot racing the loop sees each counter before or after an
+    # increment, which is all a progress line needs (as the Prometheus scrape does).
+    while True:
+        stop = done.wait(every)
+        print(json.dumps(metrics.snapshot(), sort_keys=True), file=sys.stderr, flush=True)
+        if stop:
+            return
 
 
 def _report(snapshot: dict[str, float], dead: int, name: str) -> None:
