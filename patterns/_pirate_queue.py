@@ -281,8 +281,10 @@ class Queue:
                         return
                 core.step(backend_ready, frontend_ready)
         finally:
-            self._running = False
+            # Close before clearing the flag: a close() from another thread that sees
+            # the loop still running leaves the sockets to this thread.
             self._close()
+            self._running = False
 
     def start(self) -> Queue:
         """Run the queue on a daemon thread; returns self."""

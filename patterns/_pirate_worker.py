@@ -313,8 +313,10 @@ class Worker:
                 core.tick()
         finally:
             core.apply(m.stop())
-            self._running = False
+            # Close before clearing the flag: a close() from another thread that sees
+            # the loop still running leaves the sockets to this thread.
             self._close()
+            self._running = False
 
     def _handle(self, item: WorkItem) -> None:
         core = self._core
