@@ -61,6 +61,10 @@ class Data(msgspec.Struct, tag=0, array_like=True, frozen=True):
     correlation_id: bytes = b""
     reply_to: str = ""
     ttl_ms: int = 0  # 0: never expires
+    # Pub/sub: this sender's count of messages on this topic (from 1; 0 elsewhere).
+    # `seq` counts across all topics, so a subscriber that filters by prefix sees
+    # jumps in it that are not losses; a per-topic count makes gaps exact.
+    topic_seq: int = 0
 
     @property
     def message_id(self) -> bytes:
