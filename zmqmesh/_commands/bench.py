@@ -24,6 +24,7 @@ _COLUMNS = (
     ("raw_p50_us", "raw p50 us"),
     ("raw_p99_us", "raw p99 us"),
     ("p50_ratio", "p50 ratio"),
+    ("recovery_s", "recovery s"),
 )
 
 

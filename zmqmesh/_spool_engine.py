@@ -1,0 +1,618 @@
+"""The spool's writer: one thread, one SQLite connection, group commit.
+
+Every write (append, ack, dead-letter, replay, purge, de-dup) is an `_Op` put
+on a queue. The writer thread drains whatever is queued into ONE transaction
+and commits it, then wakes every waiter of that transaction: concurrent
+appenders share one commit, and under `fsync="always"` one fsync. Waiters are
+threads (a shared condition) or asyncio futures (resolved with one
+`call_soon_threadsafe` per loop per commit), so the event loop never waits on
+a commit or an fsync. Only this thread writes; reads use a second connection
+(WAL readers never wait for the writer, https://www.sqlite.org/wal.html).
+
+Durability per policy (https://www.sqlite.org/pragma.html#pragma_synchronous):
+`always` runs with synchronous=FULL, so every commit fsyncs the WAL before an
+append returns; `batch` runs with synchronous=NORMAL, so a commit reaches the
+OS (it survives kill -9) and the writer fsyncs the WAL at most `batch_ms`
+after a commit or every `batch_max` messages; `off` never fsyncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import itertools
+import logging
+import sqlite3
+import threading
+import time
+from typing import Any, Final
+
+from ._errors import ClosedError, SpoolFull
+from ._metrics import Metrics
+from ._spool_files import SpoolFiles, load
+from ._spool_schema import translate
+
+log = logging.getLogger("zmqmesh.spool")
+
+# Operation kinds.
+APPEND: Final = 0
+ACK: Final = 1
+DEAD: Final = 2
+ADD_DEAD: Final = 3
+REPLAY: Final = 4
+PURGE: Final = 5
+REMEMBER: Final = 6
+SYNC: Final = 7
+CLOSE: Final = 8
+
+_INSERT: Final = "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)"
+_ACK: Final = "DELETE FROM messages WHERE seq = ? RETURNING length(body), priority"
+_COUNTS: Final = (
+    "UPDATE counts SET last_seq = ?, pending = ?, pending_bytes = ?, dead = ?, dead_bytes = ?"
+)
+
+
+class _Op:
+    """One queued write and, once its transaction ends, its outcome."""
+
+    __slots__ = (
+        "arg", "count", "done", "error", "future", "kind", "loop", "nbytes", "prio", "result",
+        "rows",
+    )  # fmt: skip
+
+    def __init__(self, kind: int, rows: list[Any] | None = None, arg: Any = None) -> None:
+        self.kind = kind
+        self.rows = rows
+        self.arg = arg
+        self.count = 0  # messages appended (capacity reserved)
+        self.nbytes = 0
+        self.prio = 0  # appended messages with priority > 0
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.done = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.future: asyncio.Future[Any] | None = None
+
+
+def _resolve(ops: list[_Op]) -> None:
+    """Runs in an event loop: hand each op's outcome to its future."""
+    for op in ops:
+        fut = op.future
+        if fut is None or fut.done():
+            continue
+        if op.error is not None:
+            fut.set_exception(op.error)
+        else:
+            fut.set_result(op.result)
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def _copy_error(err: BaseException) -> BaseException:
+    """A fresh exception per waiter (one instance raised by many threads shares a traceback)."""
+    fresh = type(err)(*err.args)
+    fresh.__cause__ = err.__cause__
+    return fresh
+
+
+class Engine:
+    """State shared by `Spool` and `AsyncSpool`; the writer thread owns the write connection."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        fsync: str,
+        batch_ms: float,
+        batch_max: int,
+        max_count: int | None,
+        max_bytes: int | None,
+        when_full: str,
+        full_timeout: float,
+        dedup_max_count: int,
+        dedup_max_age: float,
+        wall: Any,
+        metrics: Metrics,
+    ) -> None:
+        self.path = path
+        self.policy = fsync
+        self.sync_interval = batch_ms / 1000.0
+        self.batch_max = batch_max
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        self.when_full = when_full
+        self.full_timeout = full_timeout
+        self.dedup_max_count = dedup_max_count
+        self.dedup_max_age = dedup_max_age
+        self.wall = wall
+        self.metrics = metrics
+        self.lock = threading.Lock()
+        self.work = threading.Condition(self.lock)  # the writer waits here for ops
+        self.done = threading.Condition(self.lock)  # threads wait here for their commit
+        self.space = threading.Condition(self.lock)  # blocked appenders wait for room
+        self.space_async: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+        self.queue: collections.deque[_Op] = collections.deque()
+        self.writer_idle = False
+        self.closing = False
+        self.blocked = 0
+        self.next_seq = 1
+        # Held = committed pending + dead + appends queued: what the bounds apply to.
+        self.held_count = 0
+        self.held_bytes = 0
+        # Committed counts (published by the writer after each commit).
+        self.pending = self.pending_bytes = self.dead = self.dead_bytes = 0
+        self.prio_pending = 0
+        # Take state, in memory only: after a restart everything unacknowledged is pending.
+        self.cursor = 0  # highest priority-0 seq handed out by take()
+        self.inflight: set[int] = set()
+        self.inflight_prio: set[int] = set()
+        self.released: set[int] = set()
+        self.retry: list[int] = []  # heap of released seqs, served first
+        self.gone: set[int] = set()  # acknowledged or dead-lettered, commit pending
+        # De-dup window: message id -> (row number, time in ns), oldest first.
+        self.dedup: collections.OrderedDict[bytes, tuple[int, int]] = collections.OrderedDict()
+        self.dedup_next = 1
+        self.schema_version = 0
+        self.wconn: sqlite3.Connection | None = None
+        self.rconn: sqlite3.Connection | None = None
+        self.rlock = threading.Lock()
+        self.files = SpoolFiles(path)
+        self._unsynced = 0
+        self._last_sync = time.monotonic()
+        self.open_op = _Op(SYNC)
+        self._close_op: _Op | None = None
+        self._close_error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"spool-writer {path}", daemon=True)
+
+    # ----------------------------------------------------------- waiting / queue
+    def enqueue(self, op: _Op) -> None:
+        """Queue `op` (lock held by the caller)."""
+        if self.closing:
+            raise ClosedError(f"spool {self.path} is closed")
+        self.queue.append(op)
+        if self.writer_idle:
+            self.work.notify()
+
+    def submit(self, op: _Op) -> _Op:
+        with self.lock:
+            self.enqueue(op)
+        return op
+
+    def wait(self, op: _Op) -> Any:
+        """Block the calling thread until `op`'s transaction has ended."""
+        with self.lock:
+            while not op.done:
+                self.done.wait()
+        if op.error is not None:
+            raise op.error
+        return op.result
+
+    def fits(self, count: int, nbytes: int) -> bool:
+        return (self.max_count is None or self.held_count + count <= self.max_count) and (
+            self.max_bytes is None or self.held_bytes + nbytes <= self.max_bytes
+        )
+
+    def full_error(self, count: int, nbytes: int, waited: float | None) -> SpoolFull:
+        if self.max_count is not None and self.held_count + count > self.max_count:
+            what = f"count limit {self.max_count:,} messages, holding {self.held_count:,}"
+        else:
+            what = f"byte limit {self.max_bytes:,} bytes, holding {self.held_bytes:,}"
+        held = f"{self.pending:,} pending, {self.dead:,} dead"
+        if waited is None:
+            how = "refusing the append (when_full='refuse')"
+        else:
+            how = f"still full after waiting {waited:g} s (when_full='block')"
+        return SpoolFull(
+            f"spool {self.path} is full ({what}: {held}; this append adds {count} "
+            f"message(s), {nbytes:,} bytes); {how}; acknowledge messages, or replay/purge "
+            f"dead letters (zmqmesh spool purge PATH --dead), or raise the limit"
+        )
+
+    def check_never_fits(self, count: int, nbytes: int) -> None:
+        if (self.max_count is not None and count > self.max_count) or (
+            self.max_bytes is not None and nbytes > self.max_bytes
+        ):
+            raise SpoolFull(
+                f"spool {self.path}: an append of {count} message(s), {nbytes:,} bytes can "
+                f"never fit (limits: {self.max_count} messages, {self.max_bytes} bytes)"
+            )
+
+    def reserve(self, count: int, nbytes: int, timeout: float | None) -> None:
+        """Make room for an append or raise `SpoolFull` (lock held by the caller)."""
+        if self.closing:
+            raise ClosedError(f"spool {self.path} is closed")
+        if self.fits(count, nbytes):
+            self.held_count += count
+            self.held_bytes += nbytes
+            return
+        self.check_never_fits(count, nbytes)
+        if self.when_full == "refuse":
+            self.metrics.inc("spool_full_refused")
+            raise self.full_error(count, nbytes, None)
+        wait = self.full_timeout if timeout is None else timeout
+        deadline = time.monotonic() + wait
+        self.metrics.inc("spool_full_blocked")
+        self.blocked += 1
+        try:
+            while not self.fits(count, nbytes):
+                remaining = deadline - time.monotonic()
+                if self.closing:
+                    raise ClosedError(f"spool {self.path} was closed while an append waited")
+                if remaining <= 0:
+                    self.metrics.inc("spool_full_refused")
+                    raise self.full_error(count, nbytes, wait)
+                self.space.wait(remaining)
+        finally:
+            self.blocked -= 1
+        self.held_count += count
+        self.held_bytes += nbytes
+
+    def wake_space(self) -> None:
+        """Room was freed (or the spool closes): retry every blocked append (lock held)."""
+        self.space.notify_all()
+        for loop, fut in self.space_async:
+            with contextlib.suppress(RuntimeError):  # that loop is closed
+                loop.call_soon_threadsafe(_wake, fut)
+        self.space_async.clear()
+
+    # ----------------------------------------------------------------- thread
+    def _run(self) -> None:
+        try:
+            self._open()
+        except BaseException as exc:
+            err = translate(self.path, "open", exc)
+            if err is not exc:
+                err.__cause__ = exc
+            for conn in (self.rconn, self.wconn):
+                if conn is not None:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.close()
+            self._release_files()
+            with self.lock:
+                self.closing = True
+            self._finish([self.open_op], err)
+            return
+        self._finish([self.open_op], None)
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+
+    def _loop(self) -> None:
+        while True:
+            with self.lock:
+                while not self.queue:
+                    timeout = None
+                    if self._unsynced:
+                        timeout = self._last_sync + self.sync_interval - time.monotonic()
+                        if timeout <= 0:
+                            break
+                    self.writer_idle = True
+                    self.work.wait(timeout)
+                    self.writer_idle = False
+                ops = self._drain()
+            if not ops:
+                self._sync_wal()
+                continue
+            if self._execute(ops):
+                return
+
+    def _drain(self) -> list[_Op]:
+        """Ops for one transaction: everything queued, up to about `batch_max` messages."""
+        ops: list[_Op] = []
+        rows = 0
+        queue = self.queue
+        while queue and (not ops or rows < self.batch_max):
+            op = queue.popleft()
+            ops.append(op)
+            rows += op.count
+            if op.kind == CLOSE:
+                break
+        return ops
+
+    def _execute(self, ops: list[_Op]) -> bool:
+        """Run `ops` in one transaction and commit; True when a CLOSE op was among them."""
+        conn = self.wconn
+        assert conn is not None
+        closing = False
+        force_sync = False
+        appended = prio = nbytes = 0
+        for op in ops:
+            if op.kind == APPEND:
+                appended += op.count
+                nbytes += op.nbytes
+                prio += op.prio
+            elif op.kind in (SYNC, CLOSE):
+                force_sync = True
+                closing = closing or op.kind == CLOSE
+        state = _TxnCounts(self)
+        try:
+            conn.execute("BEGIN")
+            if appended:
+                rows = itertools.chain.from_iterable(
+                    op.rows for op in ops if op.kind == APPEND and op.rows
+                )
+                conn.executemany(_INSERT, rows)
+                state.pending += appended
+                state.pending_bytes += nbytes
+                state.prio += prio
+            for op in ops:
+                if op.kind not in (APPEND, SYNC, CLOSE):
+                    self._apply(conn, op, state)
+            conn.execute(
+                _COUNTS,
+                (
+                    self.next_seq - 1,
+                    state.pending,
+                    state.pending_bytes,
+                    state.dead,
+                    state.dead_bytes,
+                ),
+            )
+            conn.execute("COMMIT")
+        except Exception as exc:
+            self._rollback(conn)
+            err = translate(self.path, "write", exc)
+            if err is not exc:
+                err.__cause__ = exc
+            log.error("%s", err)
+            self.metrics.inc("spool_errors")
+            if closing:
+                self._close_error = err
+            self._finish([op for op in ops if op.kind != CLOSE], err, failed=True)
+            return closing
+        self.metrics.inc("spool_commits")
+        self._unsynced += appended or 1
+        if self.policy == "always":
+            self._unsynced = 0
+            self._last_sync = time.monotonic()
+            self.metrics.inc("spool_fsyncs")
+        elif self.policy == "batch" and (
+            force_sync
+            or self._unsynced >= self.batch_max
+            or time.monotonic() - self._last_sync >= self.sync_interval
+        ):
+            self._sync_wal()
+        elif self.policy == "off":
+            self._unsynced = 0
+        if appended:
+            self.metrics.inc("spool_appended", appended)
+            self.metrics.inc("spool_appended_bytes", nbytes)
+        self._publish(state, ops)
+        return closing
+
+    def _apply(self, conn: sqlite3.Connection, op: _Op, s: _TxnCounts) -> None:
+        """One non-append write, inside the open transaction; counts go to `s`."""
+        kind = op.kind
+        if kind == ACK:
+            n = 0
+            for seq in op.arg:
+                for size, priority in conn.execute(_ACK, (seq,)).fetchall():
+                    n += 1
+                    s.pending -= 1
+                    s.pending_bytes -= size
+                    s.freed_count += 1
+                    s.freed_bytes += size
+                    s.prio -= priority > 0
+            op.result = n
+            s.acked += n
+        elif kind == DEAD:
+            seq, reason, attempts, first, last, queue = op.arg
+            cur = conn.execute(
+                "INSERT INTO dead SELECT seq, priority, message_id, framing, body, created_ns, "
+                "?, ?, ?, ?, ? FROM messages WHERE seq = ?",
+                (reason, attempts, first, last, queue, seq),
+            )
+            moved = cur.rowcount == 1
+            if moved:
+                for size, priority in conn.execute(_ACK, (seq,)).fetchall():
+                    s.pending -= 1
+                    s.pending_bytes -= size
+                    s.dead += 1
+                    s.dead_bytes += size
+                    s.prio -= priority > 0
+            op.result = moved
+        elif kind == ADD_DEAD:
+            conn.execute(f"INSERT INTO dead VALUES ({', '.join('?' * 11)})", op.arg)
+            s.dead += 1
+            s.dead_bytes += len(op.arg[4])
+            op.result = op.arg[0]
+        elif kind == REPLAY:
+            op.result = self._replay(conn, op.arg, s)
+        elif kind == PURGE:
+            n = 0
+            if op.arg is None:
+                sizes = conn.execute("DELETE FROM dead RETURNING length(body)").fetchall()
+            else:
+                sizes = []
+                for seq in op.arg:
+                    sizes += conn.execute(
+                        "DELETE FROM dead WHERE seq = ? RETURNING length(body)", (seq,)
+                    ).fetchall()
+            for (size,) in sizes:
+                n += 1
+                s.dead -= 1
+                s.dead_bytes -= size
+                s.freed_count += 1
+                s.freed_bytes += size
+            op.result = n
+        elif kind == REMEMBER:
+            rows, keep_from = op.arg
+            if rows:
+                conn.executemany("INSERT INTO dedup VALUES (?, ?, ?)", rows)
+            conn.execute("DELETE FROM dedup WHERE n < ?", (keep_from,))
+
+    def _replay(self, conn: sqlite3.Connection, seqs: list[int] | None, s: _TxnCounts) -> int:
+        """Dead letters back to pending, at the end of the queue, oldest first."""
+        if seqs is None:
+            found = conn.execute("SELECT seq, priority, length(body) FROM dead ORDER BY seq")
+            rows = found.fetchall()
+        else:
+            rows = []
+            for seq in sorted(set(seqs)):
+                rows += conn.execute(
+                    "SELECT seq, priority, length(body) FROM dead WHERE seq = ?", (seq,)
+                ).fetchall()
+        with self.lock:
+            base = self.next_seq
+            self.next_seq += len(rows)
+        for i, (seq, priority, size) in enumerate(rows):
+            conn.execute(
+                "INSERT INTO messages SELECT ?, priority, message_id, framing, body, created_ns "
+                "FROM dead WHERE seq = ?",
+                (base + i, seq),
+            )
+            conn.execute("DELETE FROM dead WHERE seq = ?", (seq,))
+            s.dead -= 1
+            s.dead_bytes -= size
+            s.pending += 1
+            s.pending_bytes += size
+            s.prio += priority > 0
+        s.replayed += len(rows)
+        return len(rows)
+
+    def _publish(self, s: _TxnCounts, ops: list[_Op]) -> None:
+        async_ops: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
+        with self.lock:
+            self.pending, self.pending_bytes = s.pending, s.pending_bytes
+            self.dead, self.dead_bytes, self.prio_pending = s.dead, s.dead_bytes, s.prio
+            for op in ops:
+                if op.kind == CLOSE:
+                    self._close_op = op  # finished once the files are closed
+                    continue
+                if op.kind == ACK:
+                    self.gone.difference_update(op.arg)
+                elif op.kind == DEAD:
+                    self.gone.discard(op.arg[0])
+                op.done = True
+                if op.loop is not None:
+                    async_ops.setdefault(op.loop, []).append(op)
+            if s.freed_count:
+                self.held_count -= s.freed_count
+                self.held_bytes -= s.freed_bytes
+                self.wake_space()
+            self.done.notify_all()
+        for loop, batch in async_ops.items():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, batch)
+        m = self.metrics
+        if s.acked:
+            m.inc("spool_acked", s.acked)
+        if s.replayed:
+            m.inc("spool_replayed", s.replayed)
+        m.set_gauge("spool_pending", s.pending)
+        m.set_gauge("spool_dead", s.dead)
+
+    def _finish(self, ops: list[_Op], err: BaseException | None, failed: bool = False) -> None:
+        """End `ops` with `err` (or success) and wake their waiters."""
+        async_ops: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
+        with self.lock:
+            for op in ops:
+                if err is not None:
+                    op.error = _copy_error(err)
+                if failed:
+                    if op.kind == APPEND:
+                        self.held_count -= op.count
+                        self.held_bytes -= op.nbytes
+                    elif op.kind == ACK:  # still stored: served again after a restart
+                        self.gone.difference_update(op.arg)
+                    elif op.kind == DEAD:
+                        self.gone.discard(op.arg[0])
+                op.done = True
+                if op.loop is not None:
+                    async_ops.setdefault(op.loop, []).append(op)
+            if failed:
+                self.wake_space()
+            self.done.notify_all()
+        for loop, batch in async_ops.items():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(_resolve, batch)
+
+    @staticmethod
+    def _rollback(conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                conn.execute("ROLLBACK")
+
+    def _sync_wal(self) -> None:
+        """fsync the write-ahead log: every commit so far survives a power loss (batch)."""
+        self._unsynced = 0
+        self._last_sync = time.monotonic()
+        try:
+            self.files.fsync_wal()
+            self.metrics.inc("spool_fsyncs")
+        except OSError as exc:
+            self.metrics.inc("spool_errors")
+            log.error("%s", translate(self.path, "fsync of the write-ahead log", exc))
+
+    # ------------------------------------------------------------ open / close
+    def _open(self) -> None:
+        self.wconn, self.schema_version = self.files.open(self.policy)
+        got = load(self.wconn, self.wall, self.dedup_max_age, self.dedup_max_count)
+        self.next_seq = got.next_seq
+        self.pending, self.pending_bytes = got.pending, got.pending_bytes
+        self.dead, self.dead_bytes, self.prio_pending = got.dead, got.dead_bytes, got.prio_pending
+        self.held_count = got.pending + got.dead
+        self.held_bytes = got.pending_bytes + got.dead_bytes
+        for mid, n, at_ns in got.dedup:
+            self.dedup[mid] = (n, at_ns)
+        self.dedup_next = got.dedup_next
+        self.rconn = self.files.reader()
+        self.metrics.set_gauge("spool_pending", got.pending)
+        self.metrics.set_gauge("spool_dead", got.dead)
+
+    def close(self) -> _Op | None:
+        """Queue the final commit and fsync; None if already closing."""
+        with self.lock:
+            if self.closing:
+                return None
+            op = _Op(CLOSE)
+            self._close_op = op
+            self.queue.append(op)
+            self.closing = True
+            if self.writer_idle:
+                self.work.notify()
+            self.wake_space()
+        return op
+
+    def _shutdown(self) -> None:
+        with self.lock:
+            self.closing = True
+            leftover = [op for op in self.queue if op.kind != CLOSE]
+            self.queue.clear()
+        if leftover:
+            self._finish(leftover, ClosedError(f"spool {self.path} is closed"), failed=True)
+        error = self._close_error
+        for conn in (self.rconn, self.wconn):
+            if conn is not None:
+                try:
+                    conn.close()  # the last close checkpoints the WAL into the database
+                except sqlite3.Error as exc:
+                    error = translate(self.path, "close", exc)
+                    log.error("%s", error)
+        self.rconn = self.wconn = None
+        self._release_files()
+        close_op = self._close_op
+        if close_op is not None and not close_op.done:
+            self._finish([close_op], error)
+
+    def _release_files(self) -> None:
+        self.files.release()
+
+
+class _TxnCounts:
+    """Counts as they will be once the open transaction commits."""
+
+    __slots__ = (
+        "acked", "dead", "dead_bytes", "freed_bytes", "freed_count", "pending",
+        "pending_bytes", "prio", "replayed",
+    )  # fmt: skip
+
+    def __init__(self, e: Engine) -> None:
+        self.pending, self.pending_bytes = e.pending, e.pending_bytes
+        self.dead, self.dead_bytes, self.prio = e.dead, e.dead_bytes, e.prio_pending
+        self.freed_count = self.freed_bytes = self.acked = self.replayed = 0
