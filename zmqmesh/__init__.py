@@ -57,6 +57,8 @@ from ._sockets import (
     random_tcp_endpoint,
 )
 from ._sources import EndpointSource, PeerEvent, StaticPeers
+from ._spool import DeadRecord, Spool, SpoolDeadLetters, SpoolEntry, SpoolStats
+from ._spool_async import AsyncSpool
 
 __version__ = "0.1.0"
 
@@ -114,4 +116,11 @@ __all__ = [
     "Metrics",
     "PeerEvent",
     "StaticPeers",
+    # durable spool
+    "AsyncSpool",
+    "DeadRecord",
+    "Spool",
+    "SpoolDeadLetters",
+    "SpoolEntry",
+    "SpoolStats",
 ]

@@ -51,7 +51,7 @@ from ._spool_schema import (
 
 __all__ = ["DeadRecord", "Spool", "SpoolDeadLetters", "SpoolEntry", "SpoolStats"]
 
-Frames = bytes | Sequence[bytes]
+Frames = bytes | bytearray | memoryview | Sequence[bytes]
 
 _attempts_encoder = msgspec.msgpack.Encoder()
 _SELECT_ONE = f"SELECT {MESSAGE_COLUMNS} FROM messages WHERE seq = ?"
@@ -142,7 +142,7 @@ class _SpoolBase:
         with e.rlock:
             conn = e.rconn
             if conn is None:
-                raise self._closed()
+                raise self._closed_error()
             with e.lock:
                 retry: list[int] = []
                 while e.retry and len(retry) < max_count:
@@ -261,14 +261,14 @@ class _SpoolBase:
         e = self._e
         with e.rlock:
             if e.rconn is None:
-                raise self._closed()
+                raise self._closed_error()
             try:
                 cur = e.rconn.execute(sql, params)
                 return cur.fetchone() if one else cur.fetchall()
             except Exception as exc:
                 raise translate(self.path, "read", exc) from exc
 
-    def _closed(self) -> Exception:
+    def _closed_error(self) -> Exception:
         from ._errors import ClosedError
 
         return ClosedError(f"spool {self.path} is closed")
@@ -283,7 +283,7 @@ class _SpoolBase:
         nbytes = 0
         if message_ids is None:
             for frames in messages:
-                framing, body = encode_frames(frames)  # type: ignore[arg-type]
+                framing, body = encode_frames(frames)
                 items.append((b"", framing, body))
                 nbytes += len(body)
         else:
@@ -293,7 +293,7 @@ class _SpoolBase:
                     f"append_many: {len(bodies)} messages but {len(message_ids)} message ids"
                 )
             for frames, mid in zip(bodies, message_ids, strict=True):
-                framing, body = encode_frames(frames)  # type: ignore[arg-type]
+                framing, body = encode_frames(frames)
                 items.append((bytes(mid), framing, body))
                 nbytes += len(body)
         return items, nbytes

@@ -41,6 +41,7 @@ class AsyncSpool(_SpoolBase):
             ) from None
         self._opened = self._attach(self._e.open_op)
         self._ready = False
+        self._aclosed = False
         self._e.thread.start()
 
     def _attach(self, op: _Op) -> asyncio.Future[Any]:
@@ -52,6 +53,8 @@ class AsyncSpool(_SpoolBase):
     async def open(self) -> AsyncSpool:
         """Wait until the spool is open (the checks and any recovery ran on the writer)."""
         if not self._ready:
+            if self._aclosed:
+                raise ClosedError(f"spool {self.path} is closed")
             await asyncio.shield(self._opened)
             self._ready = True
         return self
@@ -66,6 +69,7 @@ class AsyncSpool(_SpoolBase):
 
     async def aclose(self) -> None:
         """Commit and sync what is queued and close the file, off the event loop."""
+        self._aclosed = True
         if not self._opened.done():
             with contextlib.suppress(Exception):
                 await asyncio.shield(self._opened)

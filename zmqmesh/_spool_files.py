@@ -19,6 +19,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable
 from typing import NamedTuple
@@ -36,6 +37,10 @@ _SYNCHRONOUS = {"always": "FULL", "batch": "NORMAL", "off": "OFF"}
 # An SQLite Database File", section 2.2, https://www.sqlite.org/howtocorrupt.html).
 _OPEN: dict[tuple[int, int], str] = {}
 _OPEN_LOCK = threading.Lock()
+
+
+def _uri(path: str) -> str:
+    return "file:" + urllib.parse.quote(path)
 
 
 def _fsync_path(path: str) -> None:
@@ -114,9 +119,16 @@ class SpoolFiles:
             raise SpoolError(f"spool {path}: emptied while being opened; retry")
         self._check_writable(path)
         self._check_writable(directory)
+        # The schema check reads through a read-only connection: if the file turns
+        # out to be from a newer zmqmesh (say, its upgrade is still in the WAL),
+        # closing it must not checkpoint anything into the database.
+        probe = sqlite3.connect(f"{_uri(path)}?mode=ro", uri=True, isolation_level=None)
+        try:
+            version = check_schema(path, probe)
+        finally:
+            probe.close()
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
         try:
-            version = check_schema(path, conn)
             if conn.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
                 conn.execute("PRAGMA journal_mode = WAL")
             conn.execute(f"PRAGMA synchronous = {_SYNCHRONOUS[policy]}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+from collections.abc import Sequence
 from typing import Final, Literal
 
 import msgspec
@@ -146,7 +147,7 @@ class SpoolStats(msgspec.Struct, frozen=True):
 
 
 def encode_frames(
-    frames: bytes | bytearray | memoryview | list[bytes] | tuple[bytes, ...],
+    frames: bytes | bytearray | memoryview | Sequence[bytes],
 ) -> tuple[int, bytes]:
     """(framing, body) for a message given as one frame or a sequence of frames."""
     if isinstance(frames, bytes):

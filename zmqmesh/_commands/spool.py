@@ -18,6 +18,7 @@ import os
 import sqlite3
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from typing import Any
 
@@ -98,7 +99,8 @@ def _reader(path: str) -> Iterator[tuple[sqlite3.Connection, bool]]:
     if os.access(directory, os.W_OK):
         conn = sqlite3.connect(path, isolation_level=None)
     else:  # a read-only place: nobody can be writing it, read the file as it is
-        conn = sqlite3.connect(f"file:{path}?immutable=1", uri=True, isolation_level=None)
+        uri = f"file:{urllib.parse.quote(path)}?immutable=1"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None)
     try:
         conn.execute("PRAGMA query_only = 1")
         try:
@@ -115,7 +117,7 @@ def _reader(path: str) -> Iterator[tuple[sqlite3.Connection, bool]]:
 def _when(ns: int | None) -> str:
     if ns is None:
         return "-"
-    stamp = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.timezone.utc)
+    stamp = datetime.datetime.fromtimestamp(ns / 1e9, tz=datetime.UTC)
     return stamp.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
