@@ -41,7 +41,6 @@ from zmqmesh import ConfigError, DiscoveryError, parse_endpoint
 
 from ._engine import (
     _CLASS_IN,
-    _CLASS_UNIQUE,
     _FLAGS_QUERY,
     _FLAGS_RESPONSE_AA,
     _TYPE_ANY,
@@ -150,6 +149,7 @@ class AsyncAnnouncement:
             self._info = new_info
             zc = self._engine.zc
             self._file_subtype(new_info)
+            _purge_queued_answers(zc, new_info.key)  # no old TXT after the new one
             task = await zc.async_update_service(new_info)
             self._keep(task)
             # One packet: a goodbye for the old TXT rdata and the new records, so
@@ -234,10 +234,13 @@ class AsyncAnnouncement:
         return cache.current_entry_with_name_and_alias(info.type, info.name) is not None
 
     async def _probe_name(self, info: ServiceInfo) -> bool:
-        """RFC 6762 §8.1 probing: 0-250 ms, then three QU probes 250 ms apart.
+        """RFC 6762 §8.1 probing: 0-250 ms, then three probes 250 ms apart.
 
         python-zeroconf probes 500 ms apart (~1.2 s in all); the RFC timing
-        makes an announcement visible ~0.35 s sooner.
+        makes an announcement visible ~0.35 s sooner. Our probes ask QM, not
+        QU: a defender answers a probe at once either way (§6), and by
+        multicast it reaches us even when other processes on this host share
+        port 5353 (a unicast answer goes to one socket of the group only).
         """
         zc = self._engine.zc
         await zc.async_wait_for_start()
@@ -246,7 +249,7 @@ class AsyncAnnouncement:
             if self._taken(info):
                 return False
             out = DNSOutgoing(_FLAGS_QUERY)
-            out.add_question(DNSQuestion(info.name, _TYPE_ANY, _CLASS_IN | _CLASS_UNIQUE))
+            out.add_question(DNSQuestion(info.name, _TYPE_ANY, _CLASS_IN))
             # The records we propose, for simultaneous-probe tie-breaking (§8.2).
             authorities: list[Any] = out.authorities
             authorities += [info.dns_service(), info.dns_text()]
@@ -302,6 +305,7 @@ class AsyncAnnouncement:
         sub = self._sub
         self._unfile_subtype(info)
         self._sub = None
+        _purge_queued_answers(zc, info.key)
         if not goodbye:
             zc.registry.async_remove(info)
             return
@@ -391,6 +395,27 @@ class _ConflictWatcher(RecordUpdateListener):
             if record.server_key != ann._info.server_key or record.port != ann._info.port:
                 self._engine.metrics.inc("discovery_conflicts")
                 ann._on_conflict(record)
+
+
+def _purge_queued_answers(zc: Zeroconf, key: str) -> None:
+    """Drop our instance's records from answers zeroconf has queued but not sent.
+
+    Multicast answers wait 20-120 ms, or a second when rate-limited (RFC 6762
+    §6, §14); sent after our goodbye, they would list the instance again on
+    every browser for a whole TTL.
+    """
+
+    def ours(record: Any) -> bool:
+        return bool(record.key == key or getattr(record, "alias", "").lower() == key)
+
+    for out_queue in (zc.out_queue, zc.out_delay_queue):
+        for group in out_queue.queue:
+            answers = group.answers
+            for record in list(answers):
+                if ours(record):
+                    del answers[record]
+                else:
+                    answers[record] = {extra for extra in answers[record] if not ours(extra)}
 
 
 def _add_records(out: DNSOutgoing, info: ServiceInfo) -> None:
