@@ -351,7 +351,7 @@ def test_invalid_announcements_raise_config_errors(
     pair: tuple[Discovery, Discovery], svc: str
 ) -> None:
     a, _ = pair
-    cases = [
+    cases: list[tuple[str, dict[str, Any], str]] = [
         ("ipc:///tmp/x", {}, "only tcp:// endpoints"),
         ("tcp://127.0.0.1:*", {}, "port is not chosen yet"),
         ("tcp://127.0.0.1:1", {"role": "boss"}, "role 'boss' is not one of"),
