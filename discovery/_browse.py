@@ -44,7 +44,7 @@ from zeroconf import (
 )
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo
 
-from zmqmesh import PeerEvent
+from zmqmesh import Backoff, PeerEvent
 
 from ._engine import (
     _CLASS_IN,
@@ -72,6 +72,7 @@ _RESOLVE_TIMEOUT_MS: Final = 3000
 _MAX_QUEUED_EVENTS: Final = 65536
 _SUFFIX: Final = "." + SERVICE_TYPE.lower()
 _KICK_WINDOW: Final = 1.0  # s to listen for unicast answers to the first query
+_RETRY: Final = Backoff(initial=2.0, maximum=60.0)  # asking a vanished instance again
 
 
 class BrowseEvent(msgspec.Struct, frozen=True):
@@ -230,7 +231,9 @@ class _BrowseCore(RecordUpdateListener):
             str, tuple[float, int, float]
         ] = {}  # key -> (srv created, step, jitter)
         self._requests: dict[str, asyncio.Task[None]] = {}
-        self._unresolved: set[str] = set()  # asked once, no answer: wait for news
+        # Instances whose PTR outlives their SRV (host gone without a goodbye, or
+        # cut off): asked again with backoff, so a host that comes back is found.
+        self._retry: dict[str, tuple[float, int]] = {}  # key -> (next query at ms, attempt)
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = float("inf")
         self._browser: AsyncServiceBrowser | None = None
@@ -299,7 +302,7 @@ class _BrowseCore(RecordUpdateListener):
                     self._names.setdefault(key, record.alias)
                     touched.add(key)
                     if not record.is_expired(now):
-                        self._unresolved.discard(key)
+                        self._retry.pop(key, None)
                     elif update.old is not None:
                         self._goodbyes.add(key)
             elif rtype in (_TYPE_SRV, _TYPE_TXT):
@@ -307,14 +310,14 @@ class _BrowseCore(RecordUpdateListener):
                 if key.endswith(_SUFFIX):
                     touched.add(key)
                     if not record.is_expired(now):
-                        self._unresolved.discard(key)
+                        self._retry.pop(key, None)
                         # It answered for itself after being forgotten: back in.
                         self._forgotten.discard(key)
             elif rtype in (_TYPE_A, _TYPE_AAAA):
                 for service in zc.cache.async_entries_with_server(record.key):
                     touched.add(service.key)
                     if not record.is_expired(now):
-                        self._unresolved.discard(service.key)
+                        self._retry.pop(service.key, None)
 
     def async_update_records_complete(self) -> None:
         if self.closed:
@@ -339,7 +342,7 @@ class _BrowseCore(RecordUpdateListener):
             reason = "goodbye" if key in self._goodbyes else "expired"
             del self._names[key]
             self._forgotten.discard(key)
-            self._unresolved.discard(key)
+            self._retry.pop(key, None)
             self._bad.pop(key, None)
             self._drop(key, reason)
             return
@@ -432,7 +435,7 @@ class _BrowseCore(RecordUpdateListener):
     # -- resolving incomplete instances ------------------------------------------------
 
     def _request(self, key: str, full: str) -> None:
-        if key in self._requests or key in self._unresolved or self.closed:
+        if key in self._requests or key in self._retry or self.closed:
             return
         self._requests[key] = asyncio.ensure_future(self._resolve_one(key, full))
 
@@ -444,12 +447,16 @@ class _BrowseCore(RecordUpdateListener):
         finally:
             self._requests.pop(key, None)
         if not complete:
-            # Ask again only when one of its records shows up (no query storm
-            # for an instance whose PTR outlives its host).
-            self._unresolved.add(key)
             log.debug("mDNS instance %r did not answer with SRV/TXT/address", full)
+            self._mark_unresolved(key)
         if not self.closed and key in self._names:
             self._evaluate(key)
+        self._schedule_refresh()
+
+    def _mark_unresolved(self, key: str) -> None:
+        if key not in self._retry:
+            first = current_time_millis() + _RETRY.delay(0) * 1000
+            self._retry[key] = (first, 0)
 
     # -- keeping SRV records fresh (RFC 6762 §5.2) ---------------------------------------
 
@@ -485,7 +492,7 @@ class _BrowseCore(RecordUpdateListener):
             if srv is None or srv.is_expired(now):
                 if not dry_run:
                     self._forgotten.discard(key)
-                    self._unresolved.add(key)
+                    self._mark_unresolved(key)
                     self._drop(key, "expired")
                 continue
             created, step, jitter = self._refresh.get(key, (srv.created, 0, random.uniform(0, 2)))
@@ -505,6 +512,20 @@ class _BrowseCore(RecordUpdateListener):
                 next_at = min(next_at, srv.get_expiration_time(100))
             if not dry_run:
                 self._refresh[key] = (srv.created, step, jitter)
+        for key, (at, attempt) in list(self._retry.items()):
+            full = self._names.get(key)
+            if full is None:
+                del self._retry[key]
+                continue
+            if at > now:
+                next_at = min(next_at, at)
+            elif dry_run:
+                next_at = now
+            else:
+                questions.append(full)
+                at = now + _RETRY.delay(attempt + 1) * 1000
+                self._retry[key] = (at, attempt + 1)
+                next_at = min(next_at, at)
         if questions:
             out = DNSOutgoing(_FLAGS_QUERY)
             for full in dict.fromkeys(questions):

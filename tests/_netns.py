@@ -4,7 +4,7 @@
 "switch" namespace holding a bridge; each host gets an `eth0` veth whose peer
 is a bridge port, an address 10.77.0.N/24 (these addresses exist only inside
 the namespaces), loopback up, and a multicast route (224.0.0.0/4 via eth0) so
-mDNS works. Nothing is added to the machine's own namespace. `cut(host)`
+mDNS works, and an IPv6 address fd77::N/64. Nothing is added to the machine's own namespace. `cut(host)`
 takes the host's switch port down (the cable pulled at the switch, the host
 notices nothing); `heal(host)` brings it back.
 
@@ -30,8 +30,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
+
 _PREFIX = "zmqmesh"
 _SUBNET = "10.77.0"
+_SUBNET6 = "fd77"
 
 
 class NetnsUnavailable(RuntimeError):
@@ -80,7 +83,8 @@ def check_available() -> None:
 class Host:
     name: str
     netns: str
-    address: str
+    address: str  # IPv4, 10.77.0.N
+    address6: str  # IPv6 ULA, fd77::N
     port: str  # the bridge port (in the switch namespace) for this host
 
 
@@ -113,12 +117,17 @@ class NetnsLab:
                 self._run_in(self._switch, "ip", "link", "set", port, "master", "br0")
                 self._run_in(self._switch, "ip", "link", "set", port, "up")
                 address = f"{_SUBNET}.{i}"
+                address6 = f"{_SUBNET6}::{i}"
                 self._run_in(netns, "ip", "addr", "add", f"{address}/24", "dev", "eth0")
+                # nodad: usable at once, without waiting out duplicate address detection.
+                self._run_in(
+                    netns, "ip", "-6", "addr", "add", f"{address6}/64", "dev", "eth0", "nodad"
+                )
                 self._run_in(netns, "ip", "link", "set", "eth0", "multicast", "on")
                 self._run_in(netns, "ip", "link", "set", "eth0", "up")
                 self._run_in(netns, "ip", "link", "set", "lo", "up")
                 self._run_in(netns, "ip", "route", "add", "224.0.0.0/4", "dev", "eth0")
-                self.hosts[name] = Host(name, netns, address, port)
+                self.hosts[name] = Host(name, netns, address, address6, port)
         except BaseException:
             self.close()
             raise
@@ -172,11 +181,16 @@ class NetnsLab:
         self.close()
 
 
+@pytest.fixture
+def netns3() -> Iterator[NetnsLab]:
+    """Fixture: hosts a, b and c on one LAN (import it into the test module)."""
+    with netns_lab(("a", "b", "c")) as lab:
+        yield lab
+
+
 @contextlib.contextmanager
 def netns_lab(names: Sequence[str] = ("a", "b", "c")) -> Iterator[NetnsLab]:
     """A lab for a test; skips the test with the reason when namespaces are unavailable."""
-    import pytest
-
     try:
         lab = NetnsLab(names)
     except NetnsUnavailable as exc:

@@ -1,0 +1,140 @@
+"""Discovery across hosts: network namespaces on one bridge, one process per host.
+
+Skipped (with the reason) where namespaces cannot be made: not root, no `ip`.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import subprocess
+import sys
+import threading
+from typing import Any
+
+import pytest
+
+from tests._netns import NetnsLab, netns3
+
+__all__ = ["netns3"]  # the fixture, imported for pytest
+
+pytestmark = pytest.mark.timeout(60)
+
+SERVICE = "orders"
+
+_BROWSER = """
+import json, sys, threading
+from discovery import Discovery
+with Discovery(ip_version=sys.argv[2]) as d:
+    b = d.browse(service=sys.argv[1])
+    def commands():
+        for line in sys.stdin:
+            cmd, _, arg = line.strip().partition(" ")
+            if cmd == "forget":
+                b.forget(arg)
+        b.close()
+    threading.Thread(target=commands, daemon=True).start()
+    print(json.dumps({"kind": "ready"}), flush=True)
+    for ev in b:
+        p = ev.peer
+        print(json.dumps({"kind": ev.kind, "name": p.name, "endpoint": p.endpoint,
+                          "node": p.node_id, "reason": ev.reason}), flush=True)
+"""
+
+_ANNOUNCER = """
+import sys
+from discovery import Discovery
+service, endpoint, ip_version = sys.argv[1:4]
+with Discovery(ip_version=ip_version) as d:
+    a = d.announce(endpoint, service=service, role="worker", ttl=2, probe=False)
+    print(a.name + "|" + d.node_id, flush=True)
+    sys.stdin.read()
+"""
+
+
+class Agent:
+    """A process in one host; its stdout lines arrive on a queue."""
+
+    def __init__(self, lab: NetnsLab, host: str, script: str, *args: str) -> None:
+        self.proc = lab.spawn(
+            host,
+            [sys.executable, "-c", script, *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: queue.SimpleQueue[str] = queue.SimpleQueue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.put(line.strip())
+
+    def line(self, timeout: float = 10.0) -> str:
+        try:
+            return self.lines.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output within {timeout} s") from None
+
+    def event(self, timeout: float = 10.0) -> dict[str, Any]:
+        event: dict[str, Any] = json.loads(self.line(timeout))
+        return event
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+
+def _announce(lab: NetnsLab, host: str, endpoint: str, ip_version: str = "v4") -> tuple[str, str]:
+    agent = Agent(lab, host, _ANNOUNCER, SERVICE, endpoint, ip_version)
+    name, node = agent.line().split("|")
+    return name, node
+
+
+def test_found_by_service_name_then_dropped_when_cut_off(netns3: NetnsLab) -> None:
+    lab = netns3
+    browser = Agent(lab, "a", _BROWSER, SERVICE, "v4")
+    assert browser.event()["kind"] == "ready"
+    name_b, node_b = _announce(lab, "b", "tcp://*:41000")
+    name_c, node_c = _announce(lab, "c", "tcp://*:41001")
+
+    added = {}
+    while len(added) < 2:
+        event = browser.event()
+        assert event["kind"] == "added", event
+        added[event["name"]] = event
+    assert added[name_b]["endpoint"] == f"tcp://{lab.hosts['b'].address}:41000"
+    assert added[name_c]["endpoint"] == f"tcp://{lab.hosts['c'].address}:41001"
+    assert (added[name_b]["node"], added[name_c]["node"]) == (node_b, node_c)
+
+    # Host b loses its link without a goodbye: its SRV (TTL 2 s) is not
+    # refreshed by the queries at 80-95 % of its life and it expires.
+    lab.cut("b")
+    event = browser.event(timeout=8)
+    assert (event["kind"], event["name"], event["reason"]) == ("removed", name_b, "expired")
+    # The link comes back: a keeps asking for b's records (backoff from 2 s).
+    lab.heal("b")
+
+    # Its owner's heartbeats say c is gone: forget it at once. c still answers
+    # mDNS, so the next refresh of its records lists it again.
+    browser.send(f"forget {added[name_c]['endpoint']}")
+    seen = []
+    while {("added", name_b), ("added", name_c)} - set(seen):
+        event = browser.event(timeout=10)
+        seen.append((event["kind"], event["name"]))
+        if event["kind"] == "removed":
+            assert (event["name"], event["reason"]) == (name_c, "forgotten")
+    assert seen.index(("removed", name_c)) < seen.index(("added", name_c))
+
+
+def test_ipv6_endpoint_found_across_hosts(netns3: NetnsLab) -> None:
+    lab = netns3
+    browser = Agent(lab, "a", _BROWSER, SERVICE, "all")
+    assert browser.event()["kind"] == "ready"
+    address6 = lab.hosts["b"].address6
+    name_b, _ = _announce(lab, "b", f"tcp://[{address6}]:41002", "all")
+    event = browser.event()
+    assert (event["kind"], event["name"]) == ("added", name_b)
+    assert event["endpoint"] == f"tcp://[{address6}]:41002"
