@@ -2,17 +2,18 @@
 
 `NetnsLab(["a", "b", "c"])` makes one network namespace per host plus a
 "switch" namespace holding a bridge; each host gets an `eth0` veth whose peer
-is a bridge port, an address 10.77.0.N/24 (these addresses exist only inside
-the namespaces), loopback up, and a multicast route (224.0.0.0/4 via eth0) so
-mDNS works, and an IPv6 address fd77::N/64. Nothing is added to the machine's own namespace. `cut(host)`
-takes the host's switch port down (the cable pulled at the switch, the host
-notices nothing); `heal(host)` brings it back.
+is a bridge port, an address 10.77.0.N/24 and fd77::N/64 (these addresses
+exist only inside the namespaces), loopback up, and a multicast route
+(224.0.0.0/4 via eth0) so mDNS works. Nothing is added to the machine's own
+namespace. `cut(host)` takes the host's switch port down (the cable pulled at
+the switch, the host notices nothing); `heal(host)` brings it back.
 
 Processes run inside with `lab.spawn(host, argv)` (`ip netns exec`); the lab
 kills them (SIGKILL) and deletes every namespace on `close()`, and a new lab
 first removes namespaces left by test processes that died without cleaning
-up. `netns_lab()` is the pytest fixture helper: it skips with a clear reason
-when not root, without `ip`, or where namespaces are not permitted.
+up. The `netns3` fixture (hosts a, b, c; import it into a test module) and
+`netns_lab()` skip the test with a clear reason when not root, without `ip`,
+or where namespaces are not permitted.
 
 Run `python tests/_netns.py bench` (as root) to measure discovery across
 namespaces: the announcer in host b, the measuring side in host a.
