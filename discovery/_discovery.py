@@ -12,6 +12,7 @@ discovery: the one-liner to give a pattern (`source=ServiceSource("orders")`).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping, Sequence
 
 from zeroconf import Zeroconf
@@ -133,6 +134,7 @@ class AsyncDiscovery:
             port=port,
             public_key=key,
             properties=dict(properties or {}),
+            since=int(time.time()),
         )
         _encode_txt(ann)  # raises ConfigError naming the key before anything is sent
         label = (

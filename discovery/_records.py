@@ -82,8 +82,19 @@ _K_SERVICE: Final = "service"
 _K_SOCKET: Final = "socket"
 _K_TRANSPORT: Final = "transport"
 _K_CURVE: Final = "curve"
+_K_SINCE: Final = "since"
 _RESERVED: Final = frozenset(
-    {_K_TXTVERS, _K_PROTO, _K_NODE, _K_ROLE, _K_SERVICE, _K_SOCKET, _K_TRANSPORT, _K_CURVE}
+    {
+        _K_TXTVERS,
+        _K_PROTO,
+        _K_NODE,
+        _K_ROLE,
+        _K_SERVICE,
+        _K_SOCKET,
+        _K_TRANSPORT,
+        _K_CURVE,
+        _K_SINCE,
+    }
 )
 # RFC 6763 §6.4: keys are printable US-ASCII except '=', at most 9 characters advised.
 _KEY_RE: Final = re.compile(r"^[!-<>-~]{1,9}$")
@@ -107,6 +118,7 @@ class Peer(msgspec.Struct, frozen=True):
     port: int = 0
     properties: dict[str, str] = {}  # user TXT keys
     first_seen: float = 0.0  # time.monotonic() when this browser first listed it
+    since: int = 0  # Unix time the announcement started (announcer's clock), 0 if unknown
 
     def same_as(self, other: Peer) -> bool:
         """Whether the announced facts are equal (ignoring when it was first seen)."""
@@ -131,6 +143,7 @@ class _Announced(msgspec.Struct, frozen=True):
     properties: dict[str, str] = {}
     transport: str = "tcp"
     protocol: int = PROTOCOL_VERSION
+    since: int = 0
 
 
 def _subtype(role: str) -> str:
@@ -216,6 +229,8 @@ def _encode_txt(ann: _Announced) -> dict[str, str]:
     }
     if ann.public_key:
         props[_K_CURVE] = ann.public_key
+    if ann.since:
+        props[_K_SINCE] = str(ann.since)
     for key, value in ann.properties.items():
         if key.lower() in _RESERVED:
             raise ConfigError(f"TXT key {key!r} is reserved by zmqmesh; choose another key")
@@ -288,6 +303,9 @@ def _decode_txt(props: Mapping[bytes, bytes | None], port: int | None) -> _Annou
     public_key = _text(lowered, _K_CURVE, required=False)
     if public_key and not _Z85_RE.match(public_key):
         raise _BadRecord("TXT curve= is not a 40-character z85 CURVE public key")
+    since_text = _text(lowered, _K_SINCE, required=False)
+    # Informational only (the age column): a malformed value is not worth a rejection.
+    since = int(since_text) if since_text.isdigit() else 0
     if port is None or not 0 < port < 65536:
         raise _BadRecord(f"SRV port {port!r} is not a TCP port")
     extra: dict[str, str] = {}
@@ -306,6 +324,7 @@ def _decode_txt(props: Mapping[bytes, bytes | None], port: int | None) -> _Annou
         properties=extra,
         transport=transport,
         protocol=PROTOCOL_VERSION,
+        since=since,
     )
 
 
@@ -370,6 +389,7 @@ def _peer_from(
         port=ann.port,
         properties=ann.properties,
         first_seen=first_seen,
+        since=ann.since,
     )
 
 
