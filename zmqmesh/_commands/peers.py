@@ -213,7 +213,7 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _bench_table(rows: list[Mapping[str, Any]]) -> str:
+def _bench_table(rows: Sequence[Mapping[str, Any]]) -> str:
     keys = ("measure", "instances", "rounds", "median_ms", "p90_ms", "min_ms", "max_ms", "where")
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---" for _ in keys) + "|"]
     lines += ["| " + " | ".join(str(row[k]) for k in keys) + " |" for row in rows]
