@@ -100,7 +100,7 @@ def test_found_by_service_name_then_dropped_when_cut_off(netns3: NetnsLab) -> No
     name_b, node_b = _announce(lab, "b", "tcp://*:41000")
     name_c, node_c = _announce(lab, "c", "tcp://*:41001")
 
-    added = {}
+    added: dict[str, dict[str, Any]] = {}
     while len(added) < 2:
         event = browser.event()
         assert event["kind"] == "added", event
@@ -120,7 +120,7 @@ def test_found_by_service_name_then_dropped_when_cut_off(netns3: NetnsLab) -> No
     # Its owner's heartbeats say c is gone: forget it at once. c still answers
     # mDNS, so the next refresh of its records lists it again.
     browser.send(f"forget {added[name_c]['endpoint']}")
-    seen = []
+    seen: list[tuple[str, str]] = []
     while {("added", name_b), ("added", name_c)} - set(seen):
         event = browser.event(timeout=10)
         seen.append((event["kind"], event["name"]))
