@@ -200,6 +200,69 @@ def test_dead_letters_add_list_replay_purge(tmp_path):
         assert (s.pending, s.pending_bytes, s.dead, s.dead_bytes) == (p, pb, d, db) == (3, 3, 0, 0)
 
 
+def test_take_misses_nothing_while_appends_and_replays_interleave(tmp_path):
+    """Sequence numbers become visible in order, so take() never skips a message."""
+    with Spool(tmp_path / "s.spool", batch_max=50) as spool:
+        expected: set[bytes] = set()
+
+        def append() -> None:
+            for i in range(1500):
+                body = f"a{i}".encode()
+                spool.append(body)
+                expected.add(body)
+
+        def replay() -> None:
+            for i in range(150):
+                body = f"r{i}".encode()
+                spool.add_dead(DeadLetter(b"", [body], "x", []))
+                expected.add(body)
+                spool.replay()
+
+        workers = [threading.Thread(target=append), threading.Thread(target=replay)]
+        for t in workers:
+            t.start()
+        taken: list[bytes] = []
+        while any(t.is_alive() for t in workers) or spool.stats().pending:
+            batch = spool.take(100)
+            taken += [e.payload for e in batch]
+            spool.ack([e.seq for e in batch], wait=True)
+            if not batch and not any(t.is_alive() for t in workers):
+                spool.flush()
+                assert spool.take(1) == [] and spool.stats().pending == 0, "a message was skipped"
+        for t in workers:
+            t.join()
+        assert sorted(taken) == sorted(expected) and len(taken) == 1650
+
+
+def test_replay_does_not_overtake_queued_appends(tmp_path):
+    """White-box: a replay numbers its messages when it runs; appends queued before
+    with lower numbers must commit with it, or take()'s cursor would pass them."""
+    with Spool(tmp_path / "s.spool", batch_max=2) as spool:
+        spool.add_dead(DeadLetter(b"", [b"dead"], "x", []), wait=True)
+        e = spool._e
+        assert e.wconn is not None
+        begins: list[int] = []
+        taken: list[bytes] = []
+
+        def trace(sql: str) -> None:  # a consumer taking between two commits
+            if sql == "BEGIN":
+                begins.append(1)
+                if len(begins) == 2:
+                    taken.extend(x.payload for x in spool.take(10))
+
+        e.wconn.set_trace_callback(trace)
+        with e.lock:  # the writer cannot drain until all of these are queued
+            e.enqueue(spool._replay_op(None))
+            for body in (b"a", b"b", b"c"):
+                batch = spool._append_items((body,), None, 0)
+                e.reserve(1, batch.nbytes, None)
+                e.enqueue(spool._append_op(batch))
+        spool.flush()
+        e.wconn.set_trace_callback(None)
+        taken.extend(x.payload for x in spool.take(10))
+        assert sorted(taken) == [b"a", b"b", b"c", b"dead"]
+
+
 def test_spool_dead_letters_is_a_sink(tmp_path):
     with Spool(tmp_path / "s.spool") as spool:
         sink = SpoolDeadLetters(spool)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import itertools
 import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -276,40 +277,59 @@ class _SpoolBase:
     # ------------------------------------------------------ building writes
     def _append_items(
         self, messages: Iterable[Frames], message_ids: Sequence[bytes] | None, priority: int
-    ) -> tuple[list[tuple[bytes, int, bytes]], int]:
+    ) -> _Batch:
         if not isinstance(priority, int) or priority < 0:
             raise LocalProtocolError(f"priority must be an int >= 0, got {priority!r}")
-        items: list[tuple[bytes, int, bytes]] = []
-        nbytes = 0
-        if message_ids is None:
-            for frames in messages:
-                framing, body = encode_frames(frames)
-                items.append((b"", framing, body))
-                nbytes += len(body)
+        batch = _Batch(priority)
+        given = messages if isinstance(messages, (list, tuple)) else list(messages)
+        if message_ids is not None and len(given) != len(message_ids):
+            raise LocalProtocolError(
+                f"append_many: {len(given)} messages but {len(message_ids)} message ids"
+            )
+        if all(type(m) is bytes for m in given):  # the common case: single frames
+            bodies: list[bytes] = given if isinstance(given, list) else list(given)
+            batch.framings = None
         else:
-            bodies = list(messages)
-            if len(bodies) != len(message_ids):
-                raise LocalProtocolError(
-                    f"append_many: {len(bodies)} messages but {len(message_ids)} message ids"
-                )
-            for frames, mid in zip(bodies, message_ids, strict=True):
+            bodies = []
+            framings = batch.framings = []
+            for frames in given:
                 framing, body = encode_frames(frames)
-                items.append((bytes(mid), framing, body))
-                nbytes += len(body)
-        return items, nbytes
+                framings.append(framing)
+                bodies.append(body)
+        batch.bodies = bodies
+        batch.nbytes = sum(map(len, bodies))
+        if message_ids is not None and any(message_ids):
+            batch.mids = [bytes(m) for m in message_ids]
+        return batch
 
-    def _append_op(self, items: list[tuple[bytes, int, bytes]], nbytes: int, prio: int) -> _Op:
-        """Assign sequence numbers and queue (lock held, room already reserved)."""
+    def _append_op(self, batch: _Batch) -> _Op:
+        """Assign sequence numbers and build the rows (lock held, room reserved)."""
         e = self._e
+        n = len(batch.bodies)
         seq0 = e.next_seq
-        e.next_seq += len(items)
+        e.next_seq += n
         now = time.time_ns()
+        prio = batch.prio
         op = _Op(APPEND)
-        op.rows = [(seq0 + i, prio, m, f, b, now) for i, (m, f, b) in enumerate(items)]
-        op.count = len(items)
-        op.nbytes = nbytes
-        op.prio = len(items) if prio > 0 else 0
-        op.result = list(range(seq0, seq0 + len(items)))
+        seqs = range(seq0, seq0 + n)
+        mids, framings = batch.mids, batch.framings
+        if mids is None and framings is None:
+            op.rows = [(s, prio, b"", 0, b, now) for s, b in zip(seqs, batch.bodies, strict=True)]
+        else:
+            op.rows = [
+                (s, prio, m, f, b, now)
+                for s, m, f, b in zip(
+                    seqs,
+                    mids or itertools.repeat(b"", n),
+                    framings or itertools.repeat(0, n),
+                    batch.bodies,
+                    strict=True,
+                )
+            ]
+        op.count = n
+        op.nbytes = batch.nbytes
+        op.prio = n if prio > 0 else 0
+        op.result = list(seqs)
         return op
 
     def _ack_op(self, seqs: int | Iterable[int]) -> _Op:
@@ -401,6 +421,19 @@ class _SpoolBase:
         return _Op(PURGE, arg=None if seqs is None else _seq_list(seqs))
 
 
+class _Batch:
+    """Messages of one append, encoded outside the lock."""
+
+    __slots__ = ("bodies", "framings", "mids", "nbytes", "prio")
+
+    def __init__(self, prio: int) -> None:
+        self.prio = prio
+        self.bodies: list[bytes] = []
+        self.framings: list[int] | None = None  # None: all single frames
+        self.mids: list[bytes] | None = None  # None: no message ids
+        self.nbytes = 0
+
+
 def _seq_list(seqs: int | Iterable[int]) -> list[int]:
     return [seqs] if isinstance(seqs, int) else [int(s) for s in seqs]
 
@@ -470,8 +503,8 @@ class Spool(_SpoolBase):
 
         Blocks while the spool is full (when_full="block", up to `timeout`).
         """
-        items, nbytes = self._append_items((frames,), (message_id,), priority)
-        return int(self._append(items, nbytes, priority, timeout)[0])
+        batch = self._append_items((frames,), (message_id,), priority)
+        return int(self._append(batch, timeout)[0])
 
     def append_many(
         self,
@@ -482,21 +515,19 @@ class Spool(_SpoolBase):
         timeout: float | None = None,
     ) -> list[int]:
         """Store several messages in order, in one commit; return their seqs."""
-        items, nbytes = self._append_items(messages, message_ids, priority)
-        if not items:
+        batch = self._append_items(messages, message_ids, priority)
+        if not batch.bodies:
             return []
-        return self._append(items, nbytes, priority, timeout)
+        return self._append(batch, timeout)
 
-    def _append(
-        self, items: list[tuple[bytes, int, bytes]], nbytes: int, prio: int, timeout: float | None
-    ) -> list[int]:
+    def _append(self, batch: _Batch, timeout: float | None) -> list[int]:
         e = self._e
         with e.lock:
-            e.reserve(len(items), nbytes, timeout)
-            op = self._append_op(items, nbytes, prio)
+            e.reserve(len(batch.bodies), batch.nbytes, timeout)
+            op = self._append_op(batch)
+            waiter = e.waiter_for(op)
             e.enqueue(op)
-            while not op.done:
-                e.done.wait()
+        waiter.acquire()
         if op.error is not None:
             raise op.error
         return op.result  # type: ignore[no-any-return]

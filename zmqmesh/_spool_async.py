@@ -18,7 +18,7 @@ from typing import Any
 
 from ._deadletter import Attempt, DeadLetter
 from ._errors import ClosedError, LocalProtocolError
-from ._spool import Frames, _SpoolBase
+from ._spool import Frames, _Batch, _SpoolBase
 from ._spool_engine import SYNC, _Op
 from ._spool_schema import SpoolEntry
 
@@ -103,8 +103,8 @@ class AsyncSpool(_SpoolBase):
         timeout: float | None = None,
     ) -> int:
         """Store one message; return its seq once the commit holding it is done."""
-        items, nbytes = self._append_items((frames,), (message_id,), priority)
-        return int((await self._append(items, nbytes, priority, timeout))[0])
+        batch = self._append_items((frames,), (message_id,), priority)
+        return int((await self._append(batch, timeout))[0])
 
     async def append_many(
         self,
@@ -115,18 +115,16 @@ class AsyncSpool(_SpoolBase):
         timeout: float | None = None,
     ) -> list[int]:
         """Store several messages in order, in one commit; return their seqs."""
-        items, nbytes = self._append_items(messages, message_ids, priority)
-        if not items:
+        batch = self._append_items(messages, message_ids, priority)
+        if not batch.bodies:
             return []
-        return await self._append(items, nbytes, priority, timeout)
+        return await self._append(batch, timeout)
 
-    async def _append(
-        self, items: list[tuple[bytes, int, bytes]], nbytes: int, prio: int, timeout: float | None
-    ) -> list[int]:
+    async def _append(self, batch: _Batch, timeout: float | None) -> list[int]:
         if not self._ready:
             await self.open()
         e = self._e
-        count = len(items)
+        count, nbytes = len(batch.bodies), batch.nbytes
         deadline: float | None = None
         while True:
             with e.lock:
@@ -135,7 +133,7 @@ class AsyncSpool(_SpoolBase):
                 if e.fits(count, nbytes):
                     e.held_count += count
                     e.held_bytes += nbytes
-                    op = self._append_op(items, nbytes, prio)
+                    op = self._append_op(batch)
                     fut = self._attach(op)
                     e.enqueue(op)
                     break

@@ -58,7 +58,7 @@ class _Op:
 
     __slots__ = (
         "arg", "count", "done", "error", "future", "kind", "loop", "nbytes", "prio", "result",
-        "rows",
+        "rows", "waiter",
     )  # fmt: skip
 
     def __init__(self, kind: int, rows: list[Any] | None = None, arg: Any = None) -> None:
@@ -71,6 +71,7 @@ class _Op:
         self.result: Any = None
         self.error: BaseException | None = None
         self.done = False
+        self.waiter: threading.Lock | None = None  # held until done, for a waiting thread
         self.loop: asyncio.AbstractEventLoop | None = None
         self.future: asyncio.Future[Any] | None = None
 
@@ -132,7 +133,6 @@ class Engine:
         self.metrics = metrics
         self.lock = threading.Lock()
         self.work = threading.Condition(self.lock)  # the writer waits here for ops
-        self.done = threading.Condition(self.lock)  # threads wait here for their commit
         self.space = threading.Condition(self.lock)  # blocked appenders wait for room
         self.space_async: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self.queue: collections.deque[_Op] = collections.deque()
@@ -165,6 +165,7 @@ class Engine:
         self._last_sync = time.monotonic()
         self.open_op = _Op(SYNC)
         self._close_op: _Op | None = None
+        self._late: list[_Op] = []
         self._close_error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name=f"spool-writer {path}", daemon=True)
 
@@ -185,11 +186,23 @@ class Engine:
     def wait(self, op: _Op) -> Any:
         """Block the calling thread until `op`'s transaction has ended."""
         with self.lock:
-            while not op.done:
-                self.done.wait()
+            waiter = None if op.done else self.waiter_for(op)
+        if waiter is not None:
+            waiter.acquire()
         if op.error is not None:
             raise op.error
         return op.result
+
+    @staticmethod
+    def waiter_for(op: _Op) -> threading.Lock:
+        """A held lock the writer releases when `op` is done (lock held by the caller).
+
+        One lock per waiting thread: a commit wakes exactly its own waiters, not
+        every thread parked on a shared condition (which costs GIL hand-offs).
+        """
+        waiter = op.waiter = threading.Lock()
+        waiter.acquire()
+        return waiter
 
     def fits(self, count: int, nbytes: int) -> bool:
         return (self.max_count is None or self.held_count + count <= self.max_count) and (
@@ -318,31 +331,30 @@ class Engine:
         """Run `ops` in one transaction and commit; True when a CLOSE op was among them."""
         conn = self.wconn
         assert conn is not None
-        closing = False
-        force_sync = False
-        appended = prio = nbytes = 0
-        for op in ops:
-            if op.kind == APPEND:
-                appended += op.count
-                nbytes += op.nbytes
-                prio += op.prio
-            elif op.kind in (SYNC, CLOSE):
-                force_sync = True
-                closing = closing or op.kind == CLOSE
+        closing = any(op.kind == CLOSE for op in ops)
+        force_sync = closing or any(op.kind == SYNC for op in ops)
         state = _TxnCounts(self)
+        appends = [op for op in ops if op.kind == APPEND]
         try:
             conn.execute("BEGIN")
-            if appended:
-                rows = itertools.chain.from_iterable(
-                    op.rows for op in ops if op.kind == APPEND and op.rows
-                )
-                conn.executemany(_INSERT, rows)
-                state.pending += appended
-                state.pending_bytes += nbytes
-                state.prio += prio
+            self._insert(conn, appends, state)
             for op in ops:
                 if op.kind not in (APPEND, SYNC, CLOSE):
                     self._apply(conn, op, state)
+            # Late joiners: appends queued while this transaction ran share its
+            # commit (and fsync), up to batch_max messages. A replay pulled in
+            # every queued append already (see _replay).
+            late, self._late = self._late, []
+            while True:
+                if late:
+                    ops.extend(late)
+                    self._insert(conn, late, state)
+                if state.appended >= self.batch_max:
+                    break
+                with self.lock:
+                    late = self._pull_appends(self.batch_max - state.appended)
+                if not late:
+                    break
             conn.execute(
                 _COUNTS,
                 (
@@ -356,6 +368,8 @@ class Engine:
             conn.execute("COMMIT")
         except Exception as exc:
             self._rollback(conn)
+            ops.extend(self._late)  # pulled by a replay that then failed
+            self._late = []
             err = translate(self.path, "write", exc)
             if err is not exc:
                 err.__cause__ = exc
@@ -365,6 +379,7 @@ class Engine:
                 self._close_error = err
             self._finish([op for op in ops if op.kind != CLOSE], err, failed=True)
             return closing
+        appended, nbytes = state.appended, state.appended_bytes
         self.metrics.inc("spool_commits")
         self._unsynced += appended or 1
         if self.policy == "always":
@@ -384,6 +399,42 @@ class Engine:
             self.metrics.inc("spool_appended_bytes", nbytes)
         self._publish(state, ops)
         return closing
+
+    @staticmethod
+    def _insert(conn: sqlite3.Connection, appends: list[_Op], s: _TxnCounts) -> None:
+        if not appends:
+            return
+        conn.executemany(_INSERT, itertools.chain.from_iterable(op.rows or () for op in appends))
+        for op in appends:
+            s.appended += op.count
+            s.appended_bytes += op.nbytes
+            s.pending += op.count
+            s.pending_bytes += op.nbytes
+            s.prio += op.prio
+
+    def _pull_appends(self, limit: int | None) -> list[_Op]:
+        """Queued appends, oldest first, up to `limit` messages (lock held).
+
+        Appends may overtake other queued ops (an ack or a replay never refers
+        to a message not yet appended) but never each other: sequence numbers
+        must become visible in increasing order, or `take` would skip some.
+        """
+        pulled: list[_Op] = []
+        if not self.queue:
+            return pulled
+        keep: collections.deque[_Op] = collections.deque()
+        rows = 0
+        for op in self.queue:
+            if op.kind == APPEND and (limit is None or rows < limit):
+                pulled.append(op)
+                rows += op.count
+            else:
+                if op.kind == APPEND:
+                    limit = -1  # full: later appends must not pass this one
+                keep.append(op)
+        if pulled:
+            self.queue = keep
+        return pulled
 
     def _apply(self, conn: sqlite3.Connection, op: _Op, s: _TxnCounts) -> None:
         """One non-append write, inside the open transaction; counts go to `s`."""
@@ -460,6 +511,9 @@ class Engine:
         with self.lock:
             base = self.next_seq
             self.next_seq += len(rows)
+            # Appends already queued hold lower numbers than these: they must
+            # commit in this transaction, not after it.
+            self._late.extend(self._pull_appends(None))
         for i, (seq, priority, size) in enumerate(rows):
             conn.execute(
                 "INSERT INTO messages SELECT ?, priority, message_id, framing, body, created_ns "
@@ -489,13 +543,14 @@ class Engine:
                 elif op.kind == DEAD:
                     self.gone.discard(op.arg[0])
                 op.done = True
+                if op.waiter is not None:
+                    op.waiter.release()
                 if op.loop is not None:
                     async_ops.setdefault(op.loop, []).append(op)
             if s.freed_count:
                 self.held_count -= s.freed_count
                 self.held_bytes -= s.freed_bytes
                 self.wake_space()
-            self.done.notify_all()
         for loop, batch in async_ops.items():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, batch)
@@ -522,12 +577,17 @@ class Engine:
                         self.gone.difference_update(op.arg)
                     elif op.kind == DEAD:
                         self.gone.discard(op.arg[0])
+                    elif op.kind == REMEMBER:  # not stored: not remembered either
+                        for n, mid, _at in op.arg[0]:
+                            if self.dedup.get(mid, (0, 0))[0] == n:
+                                del self.dedup[mid]
                 op.done = True
+                if op.waiter is not None:
+                    op.waiter.release()
                 if op.loop is not None:
                     async_ops.setdefault(op.loop, []).append(op)
             if failed:
                 self.wake_space()
-            self.done.notify_all()
         for loop, batch in async_ops.items():
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(_resolve, batch)
@@ -608,11 +668,12 @@ class _TxnCounts:
     """Counts as they will be once the open transaction commits."""
 
     __slots__ = (
-        "acked", "dead", "dead_bytes", "freed_bytes", "freed_count", "pending",
-        "pending_bytes", "prio", "replayed",
+        "acked", "appended", "appended_bytes", "dead", "dead_bytes", "freed_bytes",
+        "freed_count", "pending", "pending_bytes", "prio", "replayed",
     )  # fmt: skip
 
     def __init__(self, e: Engine) -> None:
         self.pending, self.pending_bytes = e.pending, e.pending_bytes
         self.dead, self.dead_bytes, self.prio = e.dead, e.dead_bytes, e.prio_pending
         self.freed_count = self.freed_bytes = self.acked = self.replayed = 0
+        self.appended = self.appended_bytes = 0

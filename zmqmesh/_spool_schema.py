@@ -18,7 +18,7 @@ from typing import Final, Literal
 import msgspec
 
 from ._deadletter import Attempt, DeadLetter
-from ._errors import CorruptRecord, SpoolError
+from ._errors import CorruptRecord, LocalProtocolError, SpoolError
 
 __all__ = ["DeadRecord", "FsyncPolicy", "FullPolicy", "SpoolEntry", "SpoolStats"]
 
@@ -154,9 +154,17 @@ def encode_frames(
         return FRAMING_SINGLE, frames
     if isinstance(frames, (bytearray, memoryview)):
         return FRAMING_SINGLE, bytes(frames)
-    if len(frames) == 1:
-        return FRAMING_SINGLE, bytes(frames[0])
-    return FRAMING_MSGPACK, _frames_encoder.encode([bytes(f) for f in frames])
+    try:
+        if isinstance(frames, str) or any(isinstance(f, str) for f in frames):
+            raise TypeError("str")
+        if len(frames) == 1:
+            return FRAMING_SINGLE, bytes(frames[0])
+        return FRAMING_MSGPACK, _frames_encoder.encode([bytes(f) for f in frames])
+    except TypeError:
+        raise LocalProtocolError(
+            f"a spooled message is bytes or a list of bytes frames, not {type(frames).__name__}"
+            f" (encode text and objects first, e.g. with zmqmesh.encode_body)"
+        ) from None
 
 
 def decode_frames(path: str, seq: int, framing: int, body: bytes) -> list[bytes]:
