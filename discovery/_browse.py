@@ -118,6 +118,8 @@ class _EventQueue:
         self._ready.set()
 
     def pop_all(self) -> list[BrowseEvent]:
+        if not self._items:  # the common case in a pattern's loop: no lock taken
+            return []
         with self._cond:
             out = list(self._items)
             self._items.clear()
@@ -169,6 +171,8 @@ class _PeerEventAdapter:
 
     def convert(self, events: list[BrowseEvent]) -> list[PeerEvent]:
         out: list[PeerEvent] = []
+        if not events:
+            return out
         with self._lock:
             for ev in events:
                 peer = ev.peer

@@ -16,14 +16,17 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import IO, Any
 
+from zeroconf import InterfaceChoice, ServiceBrowser, ServiceStateChange, Zeroconf
+
 from zmqmesh import DiscoveryError
 
 from ._discovery import Discovery
-from ._records import Peer
+from ._records import SERVICE_TYPE, Peer
 
 __all__: list[str] = []
 
@@ -92,18 +95,59 @@ def _has(name: str, present: bool = True) -> Callable[[Mapping[str, Peer]], bool
     return lambda peers: (name in peers) == present
 
 
+def _zc_interfaces(interfaces: Sequence[str] | None) -> Any:
+    return list(interfaces) if interfaces else InterfaceChoice.All
+
+
+def _baseline_round(service: str, interfaces: Sequence[str] | None, shared: int) -> float:
+    """python-zeroconf as documented: ServiceBrowser, get_service_info on add."""
+    zc = Zeroconf(interfaces=_zc_interfaces(interfaces))
+    idle = [Zeroconf(interfaces=_zc_interfaces(interfaces)) for _ in range(shared)]
+    found = threading.Event()
+
+    def on_change(
+        zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        if state_change is ServiceStateChange.Added and not found.is_set():
+            info = zeroconf.get_service_info(service_type, name, timeout=3000)
+            if info is not None and info.properties.get(b"service") == service.encode():
+                found.set()
+
+    try:
+        t0 = time.monotonic()
+        browser = ServiceBrowser(zc, SERVICE_TYPE, handlers=[on_change])
+        if not found.wait(10.0):
+            raise DiscoveryError(f"baseline browser did not find {service!r} in 10 s")
+        elapsed = time.monotonic() - t0
+        browser.cancel()
+        return elapsed
+    finally:
+        for other in idle:
+            other.close()
+        zc.close()
+
+
 def run_bench(
     *,
     instances: Sequence[int] = (1, 50),
     rounds: int = 20,
     interfaces: Sequence[str] | None = None,
     announcer_prefix: str = "",
+    shared: int = 0,
+    baseline: bool = False,
     progress: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
-    """Measure resolve and announce->added latencies; one row per measure."""
+    """Measure resolve and announce->added latencies; one row per measure.
+
+    `shared`: that many other mDNS sockets are opened on this host after ours,
+    as when several processes share port 5353 (unicast answers reach only one).
+    `baseline`: also time python-zeroconf's documented browse-then-resolve.
+    """
     where = f"announcer via {announcer_prefix!r}" if announcer_prefix else "same host"
     if interfaces:
         where += f", interfaces {','.join(interfaces)}"
+    if shared:
+        where += f", {shared} other mDNS sockets on port 5353"
     rows: list[dict[str, Any]] = []
     for n in instances:
         cmd = [*shlex.split(announcer_prefix), sys.executable, "-m", "discovery._measure"]
@@ -120,16 +164,29 @@ def run_bench(
             every: list[float] = []
             for r in range(rounds):
                 with Discovery(interfaces=interfaces) as disc:
-                    t0 = time.monotonic()
-                    browser = disc.browse(service=f"bench{n}")
-                    browser.wait_for(bool, 10.0, "first peer")
-                    first.append(time.monotonic() - t0)
-                    browser.wait_for(_at_least(n), 10.0, f"{n} peers")
-                    every.append(time.monotonic() - t0)
+                    idle = [Zeroconf(interfaces=_zc_interfaces(interfaces)) for _ in range(shared)]
+                    try:
+                        t0 = time.monotonic()
+                        browser = disc.browse(service=f"bench{n}")
+                        browser.wait_for(bool, 10.0, "first peer")
+                        first.append(time.monotonic() - t0)
+                        browser.wait_for(_at_least(n), 10.0, f"{n} peers")
+                        every.append(time.monotonic() - t0)
+                    finally:
+                        for other in idle:
+                            other.close()
                 progress(f"{n} instances, round {r + 1}: first {first[-1] * 1000:.0f} ms")
             rows.append(_stats("browse start -> first resolved", n, first, where))
             if n > 1:
                 rows.append(_stats(f"browse start -> all {n} resolved", n, every, where))
+            if baseline:
+                base = []
+                for r in range(rounds):
+                    base.append(_baseline_round(f"bench{n}", interfaces, shared))
+                    progress(f"{n} instances, baseline round {r + 1}: {base[-1] * 1000:.0f} ms")
+                rows.append(
+                    _stats("python-zeroconf ServiceBrowser -> first resolved", n, base, where)
+                )
             added: list[float] = []
             with (
                 Discovery(interfaces=interfaces) as disc,

@@ -203,24 +203,11 @@ def netns_lab(names: Sequence[str] = ("a", "b", "c")) -> Iterator[NetnsLab]:
 
 
 def _bench(argv: Sequence[str]) -> int:
-    """Discovery latency across namespaces: measuring side in a, announcer in b."""
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python tests/_netns.py bench")
-    parser.add_argument("--rounds", type=int, default=20)
-    parser.add_argument("--instances", default="1,50")
-    args = parser.parse_args(argv)
+    """`zmqmesh peers --bench` in host a against an announcer in host b (extra args pass on)."""
     with NetnsLab(("a", "b")) as lab:
-        code = (
-            "import json, sys\n"
-            "from discovery._measure import run_bench\n"
-            f"rows = run_bench(instances=[{args.instances}], rounds={args.rounds}, "
-            f"announcer_prefix='ip netns exec {lab.hosts['b'].netns}', "
-            "progress=lambda s: print(s, file=sys.stderr))\n"
-            "for row in rows: print(json.dumps(row))\n"
-        )
-        proc = lab.spawn("a", [sys.executable, "-c", code])
-        return proc.wait()
+        prefix = f"ip netns exec {lab.hosts['b'].netns}"
+        argv = ["peers", "--bench", "--announcer-prefix", prefix, *argv]
+        return lab.spawn("a", [sys.executable, "-m", "zmqmesh", *argv]).wait()
 
 
 if __name__ == "__main__":

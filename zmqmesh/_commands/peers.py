@@ -64,6 +64,19 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="announced instance counts to measure (--bench)",
     )
     bench.add_argument(
+        "--shared",
+        type=int,
+        default=0,
+        metavar="N",
+        help="open N other mDNS sockets on port 5353 after ours, as other processes "
+        "on the host would (--bench)",
+    )
+    bench.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also time python-zeroconf's documented ServiceBrowser + get_service_info (--bench)",
+    )
+    bench.add_argument(
         "--announcer-prefix",
         default="",
         metavar="CMD",
@@ -191,8 +204,8 @@ def _bench(args: argparse.Namespace) -> int:
         counts = [int(n) for n in args.instances.split(",") if n]
     except ValueError:
         raise ConfigError(f"--instances {args.instances!r} must be numbers like 1,50") from None
-    if not counts or min(counts) < 1 or args.rounds < 1:
-        raise ConfigError("--instances and --rounds must be positive")
+    if not counts or min(counts) < 1 or args.rounds < 1 or args.shared < 0:
+        raise ConfigError("--instances and --rounds must be positive, --shared not negative")
 
     def progress(text: str) -> None:
         if not args.json:
@@ -203,6 +216,8 @@ def _bench(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         interfaces=args.interface,
         announcer_prefix=args.announcer_prefix,
+        shared=args.shared,
+        baseline=args.baseline,
         progress=progress,
     )
     if args.json:
