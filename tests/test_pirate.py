@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import logging
 import os
 import signal
@@ -17,19 +18,8 @@ import zmq
 import zmq.asyncio
 
 from patterns.pirate import AsyncQueue, AsyncWorker, MemoryDeadLetters, Queue, Worker
-from zmqmesh import (
-    PROTOCOL_VERSION,
-    Backoff,
-    ConnectError,
-    Data,
-    IdSource,
-    Message,
-    Reply,
-    StaticPeers,
-    decode_header,
-    encode_header,
-    message_id,
-)
+from patterns.reqrep import AsyncClient, Client
+from zmqmesh import Backoff, ConnectError, Message, RemoteError, StaticPeers
 from zmqmesh.testing import async_wait_until, wait_until
 
 HB = 0.1  # short heartbeats keep failure tests fast
@@ -39,42 +29,6 @@ FAST_BACKOFF = Backoff(0.05, 0.2)
 ANY = "tcp://127.0.0.1:*"
 READY = b"\x01"
 HEARTBEAT = b"\x02"
-
-
-class WireClient:
-    """A DEALER speaking the request-reply wire contract by hand (for priority and TTL)."""
-
-    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> None:
-        self.sock = ctx.socket(zmq.DEALER)
-        self.sock.linger = 0
-        self.sock.connect(endpoint)
-        self.ids = IdSource()
-
-    def send(self, body: bytes, priority: int = 0, ttl_ms: int = 0) -> bytes:
-        seq = self.ids.next()
-        cid = message_id(self.ids.sender, seq)
-        header = Data(version=PROTOCOL_VERSION, sender=self.ids.sender, seq=seq, created_ns=0,
-                      priority=priority, ttl_ms=ttl_ms, correlation_id=cid)  # fmt: skip
-        self.sock.send_multipart([b"", encode_header(header), body])
-        return cid
-
-    def recv(self, timeout: float = 5.0) -> tuple[Reply, list[bytes]]:
-        if not self.sock.poll(int(timeout * 1000)):
-            raise TimeoutError(f"no reply within {timeout} s")
-        frames = self.sock.recv_multipart()
-        assert frames[0] == b""
-        header = decode_header(frames[1])
-        assert isinstance(header, Reply)
-        return header, frames[2:]
-
-    def call(self, body: bytes, **kw: int) -> bytes:
-        cid = self.send(body, **kw)
-        header, frames = self.recv()
-        assert header.correlation_id == cid and header.ok, header.error
-        return b"".join(frames)
-
-    def close(self) -> None:
-        self.sock.close(0)
 
 
 def next_request(sock: zmq.Socket[bytes], timeout: float = 5.0) -> list[bytes]:
@@ -96,6 +50,12 @@ def idle_workers(queue: Queue | AsyncQueue, n: int) -> bool:
     return queue.metrics.gauges.get("workers_idle", 0) >= n
 
 
+def client_for(queue: Queue, ctx: zmq.Context[zmq.Socket[bytes]], **kw: float) -> Client:
+    """A `patterns.reqrep.Client` on the queue's frontend (one retry-free 5 s attempt)."""
+    opts = {"timeout": 5.0, "retries": 0, **kw}
+    return Client(connect=queue.frontend_endpoints[0], ctx=ctx, **opts)  # type: ignore[arg-type]
+
+
 # ------------------------------------------------------------ round trips
 
 
@@ -115,11 +75,8 @@ def test_requests_through_queue_and_two_workers(ctx) -> None:
         w2 = Worker(connect=queue.backend_endpoints, handler=tagged("b"), ctx=ctx, **FAST)
         with w1.start(), w2.start():
             wait_until(lambda: idle_workers(queue, 2), what="two workers READY")
-            client = WireClient(ctx, queue.frontend_endpoints[0])
-            try:
-                replies = [client.call(b"req%d" % i) for i in range(20)]
-            finally:
-                client.close()
+            with client_for(queue, ctx) as client:
+                replies = [client.request(b"req%d" % i).body for i in range(20)]
         assert [r.split(b":", 1)[1] for r in replies] == [b"req%d" % i for i in range(20)]
         # LRU with one request at a time alternates between the two workers.
         assert set(seen) == {"a", "b"} and seen.count("a") == 10
@@ -155,25 +112,23 @@ def test_handler_that_raises_gives_an_error_reply_and_worker_keeps_serving(ctx) 
     with (
         Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,  # type: ignore[arg-type]
         Worker(connect=queue.backend_endpoints[0], handler=picky, ctx=ctx, **FAST).start() as w,
+        client_for(queue, ctx) as client,
     ):
-        client = WireClient(ctx, queue.frontend_endpoints[0])
-        try:
-            client.send(b"bad")
-            header, _frames = client.recv()
-            assert not header.ok and "ValueError: cannot handle 'bad'" in header.error
-            assert client.call(b"good") == b"fine"
-        finally:
-            client.close()
+        with pytest.raises(RemoteError, match="ValueError: cannot handle 'bad'"):
+            client.request(b"bad")
+        assert client.request(b"good").body == b"fine"
         assert w.metrics.get("handler_errors") == 1
 
 
 @pytest.mark.timeout(20)
-async def test_async_queue_and_async_worker_with_async_handler() -> None:
+async def test_async_queue_async_worker_and_many_requests_in_flight() -> None:
     actx = zmq.asyncio.Context()
     try:
 
         async def handle(message: Message) -> str:
             await asyncio.sleep(0)  # a real await inside the handler
+            if message.body == b"boom":
+                raise RuntimeError("async handler failed")
             return message.body.decode()[::-1]
 
         async with (
@@ -181,25 +136,18 @@ async def test_async_queue_and_async_worker_with_async_handler() -> None:
             AsyncWorker(
                 connect=queue.backend_endpoints[0], handler=handle, ctx=actx, **FAST
             ).start(),  # fmt: skip
+            AsyncWorker(
+                connect=queue.backend_endpoints[0], handler=handle, ctx=actx, **FAST
+            ).start(),  # fmt: skip
+            AsyncClient(
+                connect=queue.frontend_endpoints[0], ctx=actx, timeout=5.0, retries=0
+            ) as client,  # fmt: skip
         ):
-            sock = actx.socket(zmq.DEALER)
-            sock.linger = 0
-            sock.connect(queue.frontend_endpoints[0])
-            ids = IdSource()
-            try:
-                for i in range(10):
-                    seq = ids.next()
-                    cid = message_id(ids.sender, seq)
-                    header = Data(version=PROTOCOL_VERSION, sender=ids.sender, seq=seq,
-                                  created_ns=0, correlation_id=cid)  # fmt: skip
-                    await sock.send_multipart([b"", encode_header(header), b"abc%d" % i])
-                    frames = await asyncio.wait_for(sock.recv_multipart(), 5)
-                    reply = decode_header(frames[1])
-                    assert isinstance(reply, Reply) and reply.correlation_id == cid
-                    assert frames[2] == b"%dcba" % i
-            finally:
-                sock.close()
-            await async_wait_until(lambda: queue.metrics.get("messages_out") == 10)
+            replies = await asyncio.gather(*(client.request(b"abc%d" % i) for i in range(50)))
+            assert [r.body for r in replies] == [(b"abc%d" % i)[::-1] for i in range(50)]
+            with pytest.raises(RemoteError, match="async handler failed"):
+                await client.request(b"boom")
+            await async_wait_until(lambda: queue.metrics.get("messages_out") == 51)
     finally:
         actx.term()
 
@@ -221,25 +169,59 @@ def test_stuck_worker_stops_heartbeating_and_its_request_is_redispatched(ctx) ->
         backend = queue.backend_endpoints[0]
         bad = Worker(connect=backend, handler=stuck, ctx=ctx, **FAST).start()
         good = Worker(connect=backend, handler=upper, ctx=ctx, **FAST)
-        client = WireClient(ctx, queue.frontend_endpoints[0])
         try:
             wait_until(lambda: idle_workers(queue, 1))
-            cid = client.send(b"job")
-            assert entered.wait(5)
-            started = time.monotonic()
-            good.start()
-            header, frames = client.recv(timeout=5)
-            took = time.monotonic() - started
-            assert header.ok and header.correlation_id == cid and frames == [b"JOB"]
+            good.start()  # READY after `bad`, so `bad` is least recently used
+            wait_until(lambda: idle_workers(queue, 2))
+            with client_for(queue, ctx) as client:
+                started = time.monotonic()
+                reply = client.request(b"job")
+                took = time.monotonic() - started
+            assert entered.is_set() and reply.body == b"JOB"
             # Re-dispatch within liveness x interval + 1 interval (+ slack for a busy CI box).
             assert took < LIVENESS * HB + HB + 1.0
             assert queue.metrics.get("redispatches") == 1
-            assert queue.metrics.get("workers_expired") >= 1
+            assert queue.metrics.get("workers_expired") == 1
         finally:
             release.set()
-            client.close()
             bad.close()
             good.close()
+
+
+@pytest.mark.timeout(20)
+def test_killed_worker_process_request_finishes_elsewhere_in_time(ctx) -> None:
+    script = (
+        "import sys, threading\n"
+        "from patterns.pirate import Worker\n"
+        "def hang(message):\n"
+        "    print('got', flush=True)\n"
+        "    threading.Event().wait()\n"
+        f"Worker(connect=sys.argv[1], handler=hang, heartbeat={HB}, liveness={LIVENESS}).run()\n"
+    )
+    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:  # type: ignore[arg-type]
+        backend = queue.backend_endpoints[0]
+        doomed = subprocess.Popen([sys.executable, "-c", script, backend], stdout=subprocess.PIPE)
+        try:
+            wait_until(lambda: idle_workers(queue, 1), what="the worker process READY")
+            with (
+                Worker(connect=backend, handler=upper, ctx=ctx, **FAST) as good,
+                client_for(queue, ctx) as client,
+                concurrent.futures.ThreadPoolExecutor(1) as pool,
+            ):
+                pending = pool.submit(client.request, b"work")
+                assert doomed.stdout is not None and doomed.stdout.readline() == b"got\n"
+                good.start()
+                doomed.kill()  # SIGKILL mid-request
+                killed = time.monotonic()
+                assert pending.result(timeout=10).body == b"WORK"
+                took = time.monotonic() - killed
+            assert took < LIVENESS * HB + HB + 1.0
+            assert queue.metrics.get("redispatches") == 1
+        finally:
+            doomed.kill()
+            doomed.wait()
+            if doomed.stdout is not None:
+                doomed.stdout.close()
 
 
 @pytest.mark.timeout(20)
@@ -252,40 +234,50 @@ def test_garbage_worker_is_dropped_and_logged_once_queue_keeps_serving(
         rogue.linger = 0
         rogue.identity = b"rogue"
         rogue.connect(queue.backend_endpoints[0])
-        client = WireClient(ctx, queue.frontend_endpoints[0])
-        good = Worker(connect=queue.backend_endpoints[0], handler=upper, ctx=ctx, **FAST)
         try:
-            rogue.send(READY)
-            wait_until(lambda: idle_workers(queue, 1))
-            cid = client.send(b"job")
-            request = next_request(rogue)
-            assert request[1] == b"" and request[-1] == b"job"
-            rogue.send_multipart([b"\xde\xad\xbe\xef"])  # garbage instead of a reply
-            rogue.send_multipart([b"more", b"garbage"])
-            good.start()
-            header, frames = client.recv()
-            assert header.ok and header.correlation_id == cid and frames == [b"JOB"]
-            assert client.call(b"still serving") == b"STILL SERVING"
+            with (
+                Worker(connect=queue.backend_endpoints[0], handler=upper, ctx=ctx, **FAST) as good,
+                client_for(queue, ctx) as client,
+                concurrent.futures.ThreadPoolExecutor(1) as pool,
+            ):
+                rogue.send(READY)
+                wait_until(lambda: idle_workers(queue, 1))
+                pending = pool.submit(client.request, b"job")
+                request = next_request(rogue)
+                assert request[1] == b"" and request[-1] == b"job"
+                rogue.send_multipart([b"\xde\xad\xbe\xef"])  # garbage instead of a reply
+                rogue.send_multipart([b"more", b"garbage"])
+                good.start()
+                assert pending.result(timeout=10).body == b"JOB"
+                assert client.request(b"still serving").body == b"STILL SERVING"
             wait_until(lambda: queue.metrics.get("decode_errors") >= 2)
             assert queue.metrics.get("workers_dropped") == 1
             logged = [r for r in caplog.records if b"rogue".hex() in r.getMessage()]
             assert len(logged) == 1 and "READY" in logged[0].getMessage()
         finally:
-            client.close()
             rogue.close()
-            good.close()
 
 
 @pytest.mark.timeout(20)
 def test_max_attempts_dead_letters_with_reason_and_error_reply(ctx) -> None:
     sink = MemoryDeadLetters()
-    with Queue(frontend=ANY, backend=ANY, ctx=ctx, max_attempts=2, dead_letters=sink,
-               name="jobs", **FAST).start() as queue:  # type: ignore[arg-type]  # fmt: skip
-        client = WireClient(ctx, queue.frontend_endpoints[0])
-        # Workers that take a request and then go silent (no heartbeat, no reply).
+    with (
+        Queue(
+            frontend=ANY,
+            backend=ANY,
+            ctx=ctx,
+            max_attempts=2,
+            dead_letters=sink,
+            name="jobs",
+            **FAST,
+        ).start() as queue,  # type: ignore[arg-type]  # fmt: skip
+        client_for(queue, ctx) as client,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        pending = pool.submit(client.request, b"poison")
+        # Workers that take the request and then go silent (no heartbeat, no reply).
         silent = []
         try:
-            cid = client.send(b"poison")
             for name in (b"dies-1", b"dies-2"):
                 sock = ctx.socket(zmq.DEALER)
                 sock.linger = 0
@@ -296,61 +288,61 @@ def test_max_attempts_dead_letters_with_reason_and_error_reply(ctx) -> None:
                 # Joins after the previous one took the request, so it is alive
                 # (READY just now) when that one expires.
                 assert next_request(sock)[-1] == b"poison"
-            header, _frames = client.recv(timeout=5)
-            assert not header.ok and header.correlation_id == cid
-            assert "dead-lettered" in header.error and "2 of 2 attempts" in header.error
-            (letter,) = queue.dead_letters()
-            assert letter is sink.list()[0]
-            assert letter.message_id == cid and letter.frames[-1] == b"poison"
-            assert [a.worker for a in letter.attempts] == [b"dies-1", b"dies-2"]
-            assert all("expired" in a.reason for a in letter.attempts)
-            assert queue.metrics.get("dead_letters") == 1
+            with pytest.raises(RemoteError) as failure:
+                pending.result(timeout=10)
         finally:
-            client.close()
             for sock in silent:
                 sock.close()
+    assert "dead-lettered" in str(failure.value) and "2 of 2 attempts" in str(failure.value)
+    (letter,) = queue.dead_letters()
+    assert letter is sink.list()[0] and letter.queue == "jobs"
+    assert letter.frames[-1] == b"poison" and len(letter.message_id) == 16
+    assert [a.worker for a in letter.attempts] == [b"dies-1", b"dies-2"]
+    assert all("expired" in a.reason for a in letter.attempts)
+    assert queue.metrics.get("dead_letters") == 1
 
 
 @pytest.mark.timeout(20)
-def test_priority_ordering_under_a_backlog(ctx) -> None:
+async def test_priority_ordering_under_a_backlog() -> None:
     order: list[bytes] = []
 
     def record(message: Message) -> bytes:
         order.append(message.body)
         return message.body
 
-    with Queue(frontend=ANY, backend=ANY, ctx=ctx, aging=60.0, **FAST).start() as queue:  # type: ignore[arg-type]
-        client = WireClient(ctx, queue.frontend_endpoints[0])
-        sent = []
-        try:
-            for i, priority in enumerate([0, 3, 9, 0, 9, 5, 3, 0, 5, 9]):
-                body = b"p%d-%d" % (priority, i)
-                client.send(body, priority=priority)
-                sent.append((priority, i, body))
-            # No worker yet: everything waits in the lanes.
-            wait_until(lambda: queue.metrics.gauges.get("queue_depth") == 10)
-            with Worker(connect=queue.backend_endpoints[0], handler=record, ctx=ctx,
+    actx = zmq.asyncio.Context()
+    sctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    queue = Queue(frontend=ANY, backend=ANY, ctx=sctx, aging=60.0, **FAST).start()  # type: ignore[arg-type]
+    try:
+        async with AsyncClient(connect=queue.frontend_endpoints[0], ctx=actx, timeout=10.0,
+                               retries=0) as client:  # fmt: skip
+            sent = [
+                (p, i, b"p%d-%d" % (p, i)) for i, p in enumerate([0, 3, 9, 0, 9, 5, 3, 0, 5, 9])
+            ]
+            # No worker yet: every request waits in the queue's priority lanes.
+            calls = [asyncio.ensure_future(client.request(body, priority=p)) for p, _, body in sent]
+            await async_wait_until(lambda: queue.metrics.gauges.get("queue_depth") == 10)
+            with Worker(connect=queue.backend_endpoints[0], handler=record, ctx=sctx,
                         **FAST).start():  # fmt: skip
-                for _ in sent:
-                    header, _frames = client.recv()
-                    assert header.ok
-        finally:
-            client.close()
+                replies = await asyncio.gather(*calls)
+        assert [r.body for r in replies] == [body for _, _, body in sent]
+    finally:
+        queue.close()
+        actx.term()
+        sctx.term()
     expected = [body for _, _, body in sorted(sent, key=lambda s: (-s[0], s[1]))]
     assert order == expected
 
 
 @pytest.mark.timeout(20)
 def test_request_ttl_while_waiting_is_dead_lettered(ctx) -> None:
-    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:  # type: ignore[arg-type]
-        client = WireClient(ctx, queue.frontend_endpoints[0])
-        try:
-            cid = client.send(b"hurry", ttl_ms=200)
-            header, _ = client.recv(timeout=5)
-            assert not header.ok and header.correlation_id == cid and "TTL" in header.error
-            assert "TTL of 0.2 s" in queue.dead_letters()[0].reason
-        finally:
-            client.close()
+    with (
+        Queue(frontend=ANY, backend=ANY, ctx=ctx, request_ttl=0.2, **FAST).start() as queue,  # type: ignore[arg-type]
+        client_for(queue, ctx) as client,
+    ):
+        with pytest.raises(RemoteError, match=r"TTL of 0\.2 s expired"):
+            client.request(b"hurry")  # no worker at all
+        assert "TTL of 0.2 s" in queue.dead_letters()[0].reason
 
 
 @pytest.mark.timeout(30)
@@ -375,11 +367,8 @@ def test_worker_reconnects_with_fresh_identity_after_queue_restart(ctx) -> None:
         wait_until(rebind, what="the same ports bound again")
         with restarted[0].start() as second:
             wait_until(lambda: idle_workers(second, 1), what="worker back after restart")
-            client = WireClient(ctx, frontend)
-            try:
-                assert client.call(b"again") == b"AGAIN"
-            finally:
-                client.close()
+            with client_for(second, ctx) as client:
+                assert client.request(b"again").body == b"AGAIN"
         assert worker.identity != old_identity
         assert worker.metrics.get("reconnects") >= 1
 
@@ -390,14 +379,11 @@ def test_worker_follows_an_endpoint_source(ctx) -> None:
     with (
         Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,  # type: ignore[arg-type]
         Worker(source=peers, handler=upper, ctx=ctx, **FAST).start(),
+        client_for(queue, ctx) as client,
     ):
         peers.add(queue.backend_endpoints[0])
         wait_until(lambda: idle_workers(queue, 1), what="worker found the queue via source")
-        client = WireClient(ctx, queue.frontend_endpoints[0])
-        try:
-            assert client.call(b"found") == b"FOUND"
-        finally:
-            client.close()
+        assert client.request(b"found").body == b"FOUND"
 
 
 # ---------------------------------------------------------- RFC 6 interop
@@ -517,24 +503,26 @@ def test_interop_our_worker_serves_a_spec_queue(ctx) -> None:
     try:
         wait_until(lambda: len(ports) == 2)
         frontend, backend = ports
-        with Worker(connect=backend, handler=upper, ctx=ctx, backoff=FAST_BACKOFF,
-                    **FAST).start() as worker:  # fmt: skip
+        with (
+            Worker(
+                connect=backend, handler=upper, ctx=ctx, backoff=FAST_BACKOFF, **FAST
+            ).start() as worker,  # fmt: skip
+            Client(connect=frontend, ctx=ctx, timeout=5.0, retries=0) as client,
+        ):
             req = ctx.socket(zmq.REQ)
             req.linger = 0
             req.connect(frontend)
-            client = WireClient(ctx, frontend)
             try:
                 req.send(b"raw through spec queue")
                 assert req.poll(5000) and req.recv() == b"RAW THROUGH SPEC QUEUE"
-                # zmqmesh envelopes pass through a queue that knows nothing of them.
-                assert client.call(b"enveloped") == b"ENVELOPED"
-                hb = worker.metrics.get("heartbeats_out")
-                wait_until(lambda: worker.metrics.get("heartbeats_out") >= hb + 2 * LIVENESS)
-                assert client.call(b"still") == b"STILL"
-                assert worker.metrics.get("reconnects") == 0
             finally:
                 req.close()
-                client.close()
+            # zmqmesh envelopes pass through a queue that knows nothing of them.
+            assert client.request(b"enveloped").body == b"ENVELOPED"
+            hb = worker.metrics.get("heartbeats_out")
+            wait_until(lambda: worker.metrics.get("heartbeats_out") >= hb + 2 * LIVENESS)
+            assert client.request(b"still").body == b"STILL"
+            assert worker.metrics.get("reconnects") == 0
     finally:
         stop.set()
         thread.join()
@@ -564,7 +552,7 @@ def test_cli_queue_and_echo_worker_answer_a_plain_req_client_exactly(ctx) -> Non
             payload = bytes(range(256)) * 3
             req.send(payload)
             assert req.poll(10_000), "no reply from the echo worker"
-            assert req.recv_multipart() == [payload]
+            assert req.recv_multipart() == [payload]  # exactly the bytes it sent
         finally:
             req.close()
     finally:
@@ -584,14 +572,12 @@ def test_cli_command_worker_replies_with_stdout_and_errors_on_failure(ctx) -> No
         script = "import sys; d = sys.stdin.read(); sys.exit(3) if d == 'fail' else print(d[::-1])"
         worker = _cli("worker", "--connect", backend, "--heartbeat", "1", "--",
                       sys.executable, "-c", script, stderr=subprocess.DEVNULL)  # fmt: skip
-        client = WireClient(ctx, queue.frontend_endpoints[0])
         try:
-            assert client.call(b"abc") == b"cba\n"
-            client.send(b"fail")
-            header, _ = client.recv(timeout=10)
-            assert not header.ok and "exited with status 3" in header.error
+            with client_for(queue, ctx, timeout=10.0) as client:
+                assert client.request(b"abc").body == b"cba\n"
+                with pytest.raises(RemoteError, match="exited with status 3"):
+                    client.request(b"fail")
         finally:
-            client.close()
             worker.send_signal(signal.SIGTERM)
             assert worker.wait(10) == 0
 

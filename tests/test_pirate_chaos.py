@@ -22,8 +22,7 @@ import time
 import pytest
 import zmq
 
-from zmqmesh import PROTOCOL_VERSION, Data, IdSource, Reply, decode_header, encode_header
-from zmqmesh import message_id as make_id
+from patterns.reqrep import Client
 
 HB = "0.1"
 REQUESTS = 2_000
@@ -77,7 +76,7 @@ class QueueProcess:
             self.proc.stdout.close()
 
 
-def lazy_pirate_client(
+def client_thread(
     ctx: zmq.Context[zmq.Socket[bytes]],
     endpoint: str,
     index: int,
@@ -86,49 +85,20 @@ def lazy_pirate_client(
     errors: list[str],
     stats: dict[str, int],
 ) -> None:
-    """Send `count` requests one by one; retry on a fresh socket after 1 s of silence."""
-    ids = IdSource()
-    sock: zmq.Socket[bytes] | None = None
+    """Send `count` unique requests with a `patterns.reqrep.Client` (Lazy Pirate retries)."""
     try:
-        for i in range(count):
-            body = f"client{index}-req{i}-{os.urandom(4).hex()}".encode()
-            seq = ids.next()
-            cid = make_id(ids.sender, seq)
-            for attempt in range(1, 31):
-                if sock is None:
-                    sock = ctx.socket(zmq.DEALER)
-                    sock.linger = 0
-                    sock.connect(endpoint)
-                header = Data(version=PROTOCOL_VERSION, sender=ids.sender, seq=seq,
-                              created_ns=0, attempt=attempt, correlation_id=cid)  # fmt: skip
-                sock.send_multipart([b"", encode_header(header), body])
-                reply = None
-                while sock.poll(1000):
-                    frames = sock.recv_multipart()
-                    head = decode_header(frames[1])
-                    if isinstance(head, Reply) and head.correlation_id == cid:
-                        reply = (head, frames[2:])
-                        break
-                    stats["late"] += 1  # a late reply to an earlier attempt: ignored
-                if reply is not None:
-                    head, frames = reply
-                    if not head.ok:
-                        errors.append(f"{body!r}: error reply {head.error}")
-                    if body in replies:
-                        errors.append(f"{body!r}: answered twice")
-                    replies[body] = b"".join(frames)
-                    break
-                stats["retries"] += 1
-                sock.close(0)  # Lazy Pirate: a fresh socket for the retry
-                sock = None
-            else:
-                errors.append(f"{body!r}: no reply after 30 attempts")
-                return
+        # 1 s per attempt, then a fresh socket and the same request again.
+        with Client(connect=endpoint, ctx=ctx, timeout=1.0, retries=30) as client:
+            for i in range(count):
+                body = f"client{index}-req{i}-{os.urandom(4).hex()}".encode()
+                reply = client.request(body).body
+                if body in replies:
+                    errors.append(f"{body!r}: answered twice")
+                replies[body] = reply
+            stats["retries"] += client.metrics.get("retries")
+            stats["late"] += client.metrics.get("late_replies")
     except Exception as exc:
         errors.append(f"client {index}: {type(exc).__name__}: {exc}")
-    finally:
-        if sock is not None:
-            sock.close(0)
 
 
 @pytest.mark.timeout(90)
@@ -148,7 +118,7 @@ def test_chaos_kill_workers_and_queue_every_request_gets_its_own_reply(ctx) -> N
     per_client = REQUESTS // CLIENTS
     clients = [
         threading.Thread(
-            target=lazy_pirate_client,
+            target=client_thread,
             args=(ctx, frontend, i, per_client, replies, errors, stats),
             name=f"chaos-client-{i}",
         )
