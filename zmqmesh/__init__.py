@@ -44,6 +44,17 @@ from ._errors import (
     map_zmq_errors,
 )
 from ._metrics import Histogram, Metrics
+from ._security import (
+    Certificate,
+    KeyPair,
+    TrustStore,
+    client_curve,
+    load_keypair,
+    load_public_key,
+    server_curve,
+    validate_key,
+    write_certificate,
+)
 from ._sockets import (
     DEFAULT_HWM,
     DEFAULT_MAX_MESSAGE_SIZE,
@@ -59,6 +70,7 @@ from ._sockets import (
 from ._sources import EndpointSource, PeerEvent, StaticPeers
 from ._spool import DeadRecord, Spool, SpoolDeadLetters, SpoolEntry, SpoolStats
 from ._spool_async import AsyncSpool
+from ._zap import AsyncAuthenticator, Authenticator, ZapGuard, guard_server
 
 __version__ = "0.1.0"
 
@@ -110,6 +122,20 @@ __all__ = [
     "make_socket",
     "parse_endpoint",
     "random_tcp_endpoint",
+    # security
+    "AsyncAuthenticator",
+    "Authenticator",
+    "Certificate",
+    "KeyPair",
+    "TrustStore",
+    "ZapGuard",
+    "client_curve",
+    "guard_server",
+    "load_keypair",
+    "load_public_key",
+    "server_curve",
+    "validate_key",
+    "write_certificate",
     # metrics and peers
     "EndpointSource",
     "Histogram",

@@ -9,14 +9,18 @@ silent unroutable drop would hide a bug.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import re
-from dataclasses import dataclass
-from typing import Final, Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final, Literal
 
 import zmq
 
 from ._errors import ConfigError, ConnectError, map_zmq_errors
+
+if TYPE_CHECKING:
+    from ._security import TrustStore
 
 __all__ = [
     "DEFAULT_HWM",
@@ -109,19 +113,30 @@ class CurveOptions:
     """CURVE keys for one socket (ZeroMQ RFC 26); z85-encoded bytes.
 
     A server sets `secret_key` and `public_key` with `server=True`; a client
-    sets its own pair plus `server_key`, the server's public key.
+    sets its own pair plus `server_key`, the server's public key. A server's
+    `allow` is the allow-list of client public keys (RFC 27 ZAP, enforced by
+    `zmqmesh.guard_server`); None admits any client that knows the server key.
+    Build these with `zmqmesh.server_curve` / `zmqmesh.client_curve`.
     """
 
     public_key: bytes
-    secret_key: bytes
+    secret_key: bytes = field(repr=False)  # never in logs
     server: bool = False
     server_key: bytes | None = None
+    allow: TrustStore | None = None
 
     def apply(self, sock: zmq.Socket[bytes]) -> None:
         sock.curve_publickey = self.public_key
         sock.curve_secretkey = self.secret_key
         if self.server:
             sock.curve_server = True
+            if self.allow is not None:
+                # Fail closed: with a ZAP domain and ZAP_ENFORCE_DOMAIN libzmq
+                # refuses every client while no ZAP handler answers (RFC 27),
+                # instead of admitting any key. guard_server replaces the domain.
+                sock.zap_domain = b"zmqmesh"
+                with contextlib.suppress(zmq.ZMQError):  # libzmq < 4.3 lacks it
+                    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         else:
             if self.server_key is None:
                 raise ConfigError("a CURVE client needs the server's public key (server_key)")

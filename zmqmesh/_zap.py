@@ -1,0 +1,706 @@
+"""Who may connect to a CURVE server: ZAP (ZeroMQ RFC 27) through pyzmq's zmq.auth.
+
+libzmq asks a ZAP handler bound at ``inproc://zeromq.zap.01`` whether a
+client that finished the CURVE handshake may connect. There is one such
+handler per `zmq.Context`, so zmqmesh runs one `Authenticator` (a thread,
+pyzmq's ThreadAuthenticator) or `AsyncAuthenticator` (a task on the event
+loop, pyzmq's AsyncioAuthenticator) per context, shared by every guarded
+server socket in it: `guard_server(sock, curve)` starts it for the first
+server and stops it when the last guard closes.
+
+Each guarded socket gets its own ZAP domain, so the handler knows which
+allow-list applies, and ZAP_ENFORCE_DOMAIN, so the socket fails closed if no
+handler answers. A refusal is logged with the client's address and the
+reason and counted. Clients that never reach ZAP (plain-text, or holding the
+wrong server key) fail the ZMTP handshake itself; a socket monitor on the
+guarded socket reports those (with the server endpoint; libzmq does not
+tell the client's address there).
+
+A monitor's reader must outlive the monitor: libzmq sends events blocking,
+so once the reader PAIR is gone the next event wedges libzmq's I/O thread,
+and MONITOR_STOPPED wedges the thread that stops the monitor (seen with
+libzmq 4.3.5). So the mask leaves MONITOR_STOPPED out, and a guard turns the
+socket's monitor off before its reader is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import zmq
+import zmq.asyncio
+from zmq.auth.asyncio import AsyncioAuthenticator
+from zmq.auth.base import Authenticator as _ZmqAuthenticator
+from zmq.auth.thread import AuthenticationThread, ThreadAuthenticator
+from zmq.utils.monitor import parse_monitor_message
+
+from ._errors import LocalProtocolError, TransportError, map_zmq_errors
+from ._metrics import Metrics
+from ._security import TrustStore
+from ._sockets import CurveOptions
+
+__all__ = ["AsyncAuthenticator", "Authenticator", "ZapGuard", "guard_server"]
+
+log = logging.getLogger("zmqmesh.security")
+
+_EVENTS: Final = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+)  # never MONITOR_STOPPED: see the module docstring
+_LOG_PERIOD: Final = 60.0  # a refused client retries every reconnect interval
+_domain_ids = itertools.count(1)
+
+
+def _classify(event: int, value: int) -> tuple[str, str]:
+    """(metric suffix, reason) of a refused handshake reported by the monitor."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+        if value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+            return "plaintext", (
+                "the client does not speak CURVE (plain text or another mechanism); "
+                "give it a key pair and the server's public key"
+            )
+        if value == zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC:
+            return "crypto", (
+                "the CURVE handshake did not decrypt: the client holds a different "
+                "server public key"
+            )
+        return "protocol", f"ZMTP protocol error {value:#x} during the handshake"
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        return "unknown_key", f"the ZAP handler refused it (status {value})"
+    return "no_zap", (
+        "no ZAP handler answered, so the socket fails closed; start the "
+        "authenticator (guard_server) before bind"
+        if value == zmq.EFAULT
+        else f"the handshake failed ({zmq.strerror(value)})"
+    )
+
+
+class _Throttle:
+    """Log a repeated refusal once per period, then say how many were not logged."""
+
+    __slots__ = ("_seen",)
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[str, ...], list[float]] = {}
+
+    def __call__(self, key: tuple[str, ...]) -> int | None:
+        now = time.monotonic()
+        entry = self._seen.get(key)
+        if entry is None or now - entry[0] >= _LOG_PERIOD:
+            if len(self._seen) > 4096:  # a scan from many addresses must not grow this
+                self._seen.clear()
+            self._seen[key] = [now, 0]
+            return int(entry[1]) if entry else 0
+        entry[1] += 1
+        return None
+
+
+class ZapGuard:
+    """One guarded CURVE server socket: its ZAP domain, allow-list and counters.
+
+    Counters (in `metrics`, which may be the pattern's own): ``curve_accepted``,
+    ``curve_refused`` and ``curve_refused_<why>`` with why one of plaintext,
+    crypto (wrong server key), unknown_key, no_zap, protocol.
+    """
+
+    def __init__(
+        self,
+        auth: _ZapBase,
+        sock: zmq.Socket[Any],
+        store: TrustStore | None,
+        metrics: Metrics,
+        name: str,
+        domain: str,
+    ) -> None:
+        self.authenticator = auth
+        self._sock: zmq.Socket[Any] | None = sock
+        self.store = store
+        self.metrics = metrics
+        self.name = name
+        self.domain = domain
+        self._shared = False  # holds a reference on the context's shared authenticator
+        self._closed = False
+
+    @property
+    def refusals(self) -> int:
+        return self.metrics.get("curve_refused")
+
+    @property
+    def accepted(self) -> int:
+        return self.metrics.get("curve_accepted")
+
+    def close(self) -> None:
+        """Stop watching the socket and forget its allow-list; the last guard of a
+        shared authenticator stops it.
+
+        Closing the socket is the caller's job, before or after this. Call it
+        from the thread that uses the socket (or after closing the socket): it
+        turns the socket's monitor off.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._detach()
+        self.authenticator._unguard(self)
+        if self._shared:
+            _release(self.authenticator)
+
+    def _detach(self) -> None:
+        # The monitor goes before its reader (module docstring). libzmq's
+        # zmq_socket_monitor takes the socket's monitor lock, so this is safe
+        # even from the authenticator's stop() in another thread.
+        sock, self._sock = self._sock, None
+        if sock is not None and not sock.closed:
+            with contextlib.suppress(zmq.ZMQError):
+                sock.monitor(None, 0)
+
+    async def aclose(self) -> None:
+        """`close`, then let the event loop finish the cancelled watcher tasks."""
+        self.close()
+        await asyncio.sleep(0)  # one loop pass: cancelled tasks run their cleanup
+
+    def __enter__(self) -> ZapGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ZapGuard({self.name!r}, domain={self.domain!r}, allow={self.store!r})"
+
+
+class _ZapBase:
+    """What both authenticators share: domains, allow-list checks, refusal logs."""
+
+    def __init__(self, ctx: zmq.Context[Any] | None, metrics: Metrics | None) -> None:
+        self.ctx: zmq.Context[Any] = ctx if ctx is not None else zmq.Context.instance()
+        self.metrics = metrics if metrics is not None else Metrics("zap")
+        self._guards: dict[str, ZapGuard] = {}
+        self._address = "?"  # of the ZAP request being answered (one at a time)
+        self._throttle = _Throttle()
+        self._zap: _ZmqAuthenticator | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._zap is not None
+
+    @property
+    def refusals(self) -> int:
+        """Refused handshakes on every socket this authenticator guards."""
+        return self.metrics.get("curve_refused")
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"{type(self).__name__}({state}, guards={len(self._guards)})"
+
+    def guard(
+        self,
+        sock: zmq.Socket[Any],
+        curve: CurveOptions,
+        *,
+        metrics: Metrics | None = None,
+        name: str | None = None,
+    ) -> ZapGuard:
+        """Put a CURVE server socket under this authenticator; call before bind/connect."""
+        if self._zap is None:
+            raise LocalProtocolError(f"{self!r}: start() it before guarding sockets")
+        if not curve.server:
+            raise LocalProtocolError("guard a CURVE server socket; a CURVE client needs no ZAP")
+        if sock.context is not self.ctx:
+            raise LocalProtocolError(
+                "the socket belongs to another zmq.Context; ZAP handlers are per context"
+            )
+        last = sock.getsockopt(zmq.LAST_ENDPOINT)
+        if last:
+            where = last.decode() if isinstance(last, bytes) else str(last)
+            raise LocalProtocolError(
+                f"guard the socket before bind/connect: it is already on {where}, "
+                "and libzmq copies the ZAP domain at bind time"
+            )
+        domain = f"zmqmesh.{next(_domain_ids)}"
+        if metrics is None:
+            metrics = Metrics(name or "curve")
+        guard = ZapGuard(
+            self, sock, curve.allow, metrics, name or metrics.component or "curve", domain
+        )
+        monitor = f"inproc://zmqmesh.zap-monitor.{domain}"
+        with map_zmq_errors(f"{guard.name}: setting up CURVE access control"):
+            sock.zap_domain = domain.encode()
+            if curve.allow is not None:
+                with contextlib.suppress(zmq.ZMQError):  # libzmq < 4.3 lacks it
+                    sock.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
+            self._guards[domain] = guard
+            self._zap.configure_curve_callback(domain, self)
+            sock.monitor(monitor, _EVENTS)
+        try:
+            self._watch(monitor, guard)
+        except BaseException:
+            guard._detach()
+            self._unguard(guard)
+            raise
+        log.debug("%s: CURVE server guarded, ZAP domain %s, allow-list %s", guard.name, domain,
+                  curve.allow if curve.allow is not None else "any client")  # fmt: skip
+        return guard
+
+    def _unguard(self, guard: ZapGuard) -> None:
+        if self._guards.pop(guard.domain, None) is None:
+            return
+        if self._zap is not None:
+            self._zap.credentials_providers.pop(guard.domain, None)
+            self._unwatch(guard)
+
+    def _detach_all(self) -> None:
+        for guard in list(self._guards.values()):
+            guard._detach()
+        self._guards.clear()
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def _watch(self, address: str, guard: ZapGuard) -> None:
+        raise NotImplementedError
+
+    def _unwatch(self, guard: ZapGuard) -> None:
+        raise NotImplementedError
+
+    def _start_zap(self, zap: _ZmqAuthenticator) -> None:
+        # The "*" domain answers CURVE servers in this context that zmqmesh does
+        # not guard (no ZAP domain set): admit any key, as without a handler.
+        zap.configure_curve_callback("*", self)
+        try:
+            zap.start()
+        except zmq.ZMQError as exc:
+            zap.stop()
+            raise LocalProtocolError(
+                "another ZAP handler is already bound in this zmq.Context "
+                f"(inproc://zeromq.zap.01: {exc.strerror}); run one authenticator per "
+                "context and guard sockets with guard_server() or Authenticator.guard()"
+            ) from exc
+        self._zap = zap
+
+    # Called by pyzmq's Authenticator as a CURVE credentials provider (RFC 27).
+    def callback(self, domain: str, key: bytes) -> bool:
+        self.metrics.inc("zap_requests")
+        guard = self._guards.get(domain)
+        if guard is None:
+            if domain == "*":
+                return True
+            why = f"no server is guarded under ZAP domain {domain!r} any more"
+            name = "curve"
+        else:
+            if guard.store is None or guard.store.is_trusted(key):
+                return True
+            why = (
+                f"its key is not in the allow-list {guard.store}; to admit it, copy "
+                "the client's NAME.key file there"
+            )
+            name = guard.name
+        self.metrics.inc("zap_refused")
+        client_key = key.decode("ascii", "replace")
+        suppressed = self._throttle((name, self._address, client_key))
+        if suppressed is not None:
+            more = f" ({suppressed} more refusals of it not logged)" if suppressed else ""
+            log.warning("%s: refused CURVE client %s with public key %s: %s%s",
+                        name, self._address, client_key, why, more)  # fmt: skip
+        return False
+
+    def _before_zap(self, msg: list[bytes]) -> None:
+        # ZAP request frames (RFC 27): version, request id, domain, address,
+        # identity, mechanism, credentials...
+        self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else "?"
+
+    def _on_event(self, guard: ZapGuard, frames: list[bytes]) -> bool:
+        """Count and log one monitor event; True when the monitor stopped."""
+        event = parse_monitor_message(frames)
+        kind, value = int(event["event"]), int(event["value"])
+        if kind == zmq.EVENT_MONITOR_STOPPED:
+            return True
+        if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            guard.metrics.inc("curve_accepted")
+            self.metrics.inc("curve_accepted")
+            return False
+        suffix, why = _classify(kind, value)
+        endpoint = event["endpoint"].decode("utf-8", "replace")
+        # ZAP refusals were logged by `callback`, with the client's address.
+        if kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH or value != 400:
+            suppressed = self._throttle((guard.name, endpoint, suffix))
+            if suppressed is not None:
+                more = f" ({suppressed} more not logged)" if suppressed else ""
+                log.warning("%s: refused a client on %s: %s%s", guard.name, endpoint, why, more)
+        guard.metrics.inc("curve_refused")
+        guard.metrics.inc(f"curve_refused_{suffix}")
+        self.metrics.inc("curve_refused")
+        return False
+
+
+# ---------------------------------------------------------------- blocking
+
+
+class _ZapThread(AuthenticationThread):
+    """pyzmq's ZAP thread, also reading the monitors of the guarded sockets."""
+
+    def __init__(self, authenticator: _ThreadZap, pipe: zmq.Socket[bytes]) -> None:
+        super().__init__(authenticator, pipe)
+        self.name = "zmqmesh-zap"
+        self._owner = authenticator.owner
+        self._monitors: dict[zmq.Socket[bytes], ZapGuard] = {}
+
+    async def _run(self) -> None:
+        poller = self.poller = zmq.asyncio.Poller()
+        zap = self.authenticator.zap_socket
+        poller.register(self.pipe, zmq.POLLIN)
+        poller.register(zap, zmq.POLLIN)
+        self.started.set()
+        try:
+            while True:
+                events = dict(await poller.poll())
+                if self.pipe in events and self._handle_pipe_message(self.pipe.recv_multipart()):
+                    return
+                if zap in events:
+                    await self.authenticator.handle_zap_message(zap.recv_multipart())
+                for mon in [m for m in self._monitors if m in events]:
+                    self._drain(mon)
+        finally:
+            for mon in self._monitors:
+                mon.close(linger=0)
+            self._monitors.clear()
+
+    def _handle_pipe_message(self, msg: list[bytes]) -> bool:
+        if msg[0] == b"TERMINATE":
+            return True
+        if msg[0] == b"WATCH" and len(msg) == 3:
+            guard = self._owner._guards.get(msg[2].decode())
+            mon = self.authenticator.context.socket(zmq.PAIR, socket_class=zmq.Socket)
+            try:
+                mon.linger = 0
+                mon.connect(msg[1].decode())
+            except zmq.ZMQError as exc:
+                mon.close(linger=0)
+                self.pipe.send_multipart([b"ERROR", str(exc).encode()])
+                return False
+            if guard is not None:
+                self._monitors[mon] = guard
+                assert self.poller is not None
+                self.poller.register(mon, zmq.POLLIN)
+            else:
+                mon.close(linger=0)
+            self.pipe.send(b"OK")
+            return False
+        if msg[0] == b"UNWATCH" and len(msg) == 2:
+            domain = msg[1].decode()
+            for mon in [m for m, g in self._monitors.items() if g.domain == domain]:
+                self._forget(mon)
+            self.pipe.send(b"OK")
+            return False
+        self.pipe.send_multipart([b"ERROR", b"unknown command " + msg[0][:32]])
+        return False
+
+    def _drain(self, mon: zmq.Socket[bytes]) -> None:
+        guard = self._monitors[mon]
+        while True:
+            try:
+                frames = mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if self._owner._on_event(guard, frames):
+                self._forget(mon)
+                return
+
+    def _forget(self, mon: zmq.Socket[bytes]) -> None:
+        assert self.poller is not None
+        self.poller.unregister(mon)
+        mon.close(linger=0)
+        del self._monitors[mon]
+
+
+class _ThreadZap(ThreadAuthenticator):
+    """ThreadAuthenticator with our thread, and a lock on the command pipe."""
+
+    def __init__(self, owner: Authenticator) -> None:
+        super().__init__(context=owner.ctx, log=logging.getLogger("zmqmesh.security.zap"))
+        self.owner = owner
+        self.pipe_lock = threading.Lock()
+
+    def start(self) -> None:
+        # ThreadAuthenticator.start with our thread class; the ZAP socket first.
+        _ZmqAuthenticator.start(self)
+        self.pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
+        self.pipe.linger = 1
+        self.pipe.bind(self.pipe_endpoint)
+        thread_pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
+        thread_pipe.linger = 1
+        thread_pipe.connect(self.pipe_endpoint)
+        self.thread = _ZapThread(self, thread_pipe)
+        self.thread.start()
+        if not self.thread.started.wait(timeout=10):
+            raise TransportError("the ZAP authenticator thread did not start within 10 s")
+
+    def stop(self) -> None:
+        # The pipe may be used from any thread that owns a guard: serialise.
+        with self.pipe_lock:
+            super().stop()
+
+    def call(self, *frames: bytes) -> None:
+        with self.pipe_lock:
+            if self.pipe is None:
+                raise LocalProtocolError("the ZAP authenticator is stopped")
+            self.pipe.send_multipart(list(frames))
+            if not self.pipe.poll(10_000):
+                raise TransportError("the ZAP authenticator thread did not answer within 10 s")
+            reply = self.pipe.recv_multipart()
+        if reply[0] != b"OK":
+            raise TransportError(f"ZAP authenticator: {b' '.join(reply[1:]).decode()}")
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        self.owner._before_zap(msg)
+        try:
+            await super().handle_zap_message(msg)
+        except Exception:  # a bug here must not kill the handler of every socket
+            log.exception("ZAP request from %s could not be handled", self.owner._address)
+
+
+class Authenticator(_ZapBase):
+    """The ZAP handler of one `zmq.Context`, in a background thread.
+
+    Usually started for you by `guard_server`. Start it yourself to keep one
+    running across servers; `guard_server` then shares it and never stops it.
+    """
+
+    def __init__(self, ctx: zmq.Context[Any] | None = None, *, metrics: Metrics | None = None):
+        super().__init__(ctx, metrics)
+
+    def start(self) -> Authenticator:
+        with _registry_lock:
+            _claim(self)
+            try:
+                self._start_zap(_ThreadZap(self))
+            except BaseException:
+                _unclaim(self)
+                raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread and close its sockets; sockets with an allow-list then
+        refuse every client (fail closed) until guarded again."""
+        with _registry_lock:
+            _unclaim(self)
+            zap, self._zap = self._zap, None
+            self._detach_all()
+        if zap is not None:
+            zap.stop()
+
+    def _watch(self, address: str, guard: ZapGuard) -> None:
+        assert isinstance(self._zap, _ThreadZap)
+        self._zap.call(b"WATCH", address.encode(), guard.domain.encode())
+
+    def _unwatch(self, guard: ZapGuard) -> None:
+        zap = self._zap
+        if isinstance(zap, _ThreadZap):
+            with contextlib.suppress(LocalProtocolError):  # stopped meanwhile
+                zap.call(b"UNWATCH", guard.domain.encode())
+
+    def __enter__(self) -> Authenticator:
+        return self if self.running else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------- asyncio
+
+
+class _AsyncZap(AsyncioAuthenticator):
+    def __init__(self, owner: AsyncAuthenticator) -> None:
+        super().__init__(context=owner.ctx, log=logging.getLogger("zmqmesh.security.zap"))
+        self.owner = owner
+
+    async def handle_zap_message(self, msg: list[bytes]) -> None:
+        self.owner._before_zap(msg)
+        try:
+            await super().handle_zap_message(msg)
+        except Exception:  # a bug here must not kill the handler of every socket
+            log.exception("ZAP request from %s could not be handled", self.owner._address)
+
+
+class AsyncAuthenticator(_ZapBase):
+    """The ZAP handler of one context as tasks on the running event loop (no thread)."""
+
+    def __init__(self, ctx: zmq.Context[Any] | None = None, *, metrics: Metrics | None = None):
+        super().__init__(ctx, metrics)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tasks: dict[str, tuple[asyncio.Task[None], zmq.asyncio.Socket]] = {}
+
+    def start(self) -> AsyncAuthenticator:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise LocalProtocolError(
+                "AsyncAuthenticator.start() needs a running event loop"
+            ) from None
+        with _registry_lock:
+            _claim(self)
+            try:
+                self._start_zap(_AsyncZap(self))
+            except BaseException:
+                _unclaim(self)
+                raise
+            self._loop = loop
+        return self
+
+    def stop(self) -> None:
+        """Cancel the ZAP and monitor tasks and close their sockets."""
+        with _registry_lock:
+            _unclaim(self)
+            zap, self._zap = self._zap, None
+            self._detach_all()
+        for task, mon in self._tasks.values():
+            task.cancel()
+            mon.close(linger=0)
+        self._tasks.clear()
+        if zap is not None:
+            zap.stop()
+
+    async def aclose(self) -> None:
+        tasks = [task for task, _ in self._tasks.values()]
+        self.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.sleep(0)  # one loop pass: pyzmq's cancelled ZAP task cleans up
+
+    def _watch(self, address: str, guard: ZapGuard) -> None:
+        if asyncio.get_running_loop() is not self._loop:
+            raise LocalProtocolError("guard sockets from the loop the authenticator runs on")
+        mon = zmq.asyncio.Socket(self.ctx, zmq.PAIR)
+        try:
+            mon.linger = 0
+            mon.connect(address)
+        except BaseException:
+            mon.close(linger=0)
+            raise
+        task = asyncio.get_running_loop().create_task(
+            self._monitor(mon, guard), name=f"zmqmesh-zap-monitor-{guard.domain}"
+        )
+        self._tasks[guard.domain] = (task, mon)
+
+    def _unwatch(self, guard: ZapGuard) -> None:
+        task, mon = self._tasks.pop(guard.domain, (None, None))
+        if task is not None and mon is not None:
+            task.cancel()
+            mon.close(linger=0)
+
+    async def _monitor(self, mon: zmq.asyncio.Socket, guard: ZapGuard) -> None:
+        try:
+            while not self._on_event(guard, await mon.recv_multipart()):
+                pass
+        except (asyncio.CancelledError, zmq.ZMQError):
+            pass
+        finally:
+            mon.close(linger=0)
+            if self._tasks.get(guard.domain, (None, None))[1] is mon:
+                del self._tasks[guard.domain]
+
+    async def __aenter__(self) -> AsyncAuthenticator:
+        return self if self.running else self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+# ---------------------------------------------------------------- sharing
+
+
+@dataclass(slots=True)
+class _Shared:
+    auth: _ZapBase
+    guards: int = 0
+    auto: bool = False  # started by guard_server: stopped with its last guard
+
+
+# One authenticator per context (there is one ZAP endpoint per context). The
+# entry holds the context, so its id() is not reused while registered.
+_registry: dict[int, _Shared] = {}
+_registry_lock = threading.RLock()
+
+
+def _claim(auth: _ZapBase) -> None:
+    entry = _registry.get(id(auth.ctx))
+    if entry is not None and entry.auth is not auth:
+        raise LocalProtocolError(
+            f"{entry.auth!r} already serves ZAP for this zmq.Context; one per context "
+            "(guard_server shares it)"
+        )
+    if entry is None:
+        _registry[id(auth.ctx)] = _Shared(auth)
+
+
+def _unclaim(auth: _ZapBase) -> None:
+    entry = _registry.get(id(auth.ctx))
+    if entry is not None and entry.auth is auth:
+        del _registry[id(auth.ctx)]
+
+
+def _release(auth: _ZapBase) -> None:
+    with _registry_lock:
+        entry = _registry.get(id(auth.ctx))
+        if entry is None or entry.auth is not auth:
+            return
+        entry.guards -= 1
+        if entry.guards > 0 or not entry.auto:
+            return
+    auth.stop()
+
+
+def _in_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def guard_server(
+    sock: zmq.Socket[Any],
+    curve: CurveOptions | None,
+    *,
+    metrics: Metrics | None = None,
+    name: str | None = None,
+) -> ZapGuard | None:
+    """Enforce `curve.allow` on a CURVE server socket; call after make_socket, before bind.
+
+    Starts the ZAP authenticator of the socket's context or shares the one
+    running (a thread for `zmq.Context`, a task for `zmq.asyncio.Context` used
+    inside a running loop). Returns None, doing nothing, when `curve` is None
+    or a client's. `metrics` (the pattern's own) receives the refusal counters;
+    `name` labels the log lines (default: `metrics.component`). Close the
+    guard when closing the socket: the last guard stops the authenticator.
+    """
+    if curve is None or not curve.server:
+        return None
+    ctx = sock.context
+    with _registry_lock:
+        entry = _registry.get(id(ctx))
+        if entry is None:
+            auth: _ZapBase
+            if isinstance(ctx, zmq.asyncio.Context) and _in_loop():
+                auth = AsyncAuthenticator(ctx).start()
+            else:
+                auth = Authenticator(ctx).start()
+            entry = _registry[id(ctx)]
+            entry.auto = True
+        entry.guards += 1
+        auth = entry.auth
+    try:
+        guard = auth.guard(sock, curve, metrics=metrics, name=name)
+    except BaseException:
+        _release(auth)
+        raise
+    guard._shared = True
+    return guard
