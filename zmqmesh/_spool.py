@@ -34,7 +34,8 @@ from ._clock import Clock
 from ._deadletter import Attempt, DeadLetter
 from ._errors import LocalProtocolError
 from ._metrics import Metrics
-from ._spool_engine import ACK, ADD_DEAD, APPEND, DEAD, PURGE, REMEMBER, REPLAY, SYNC, Engine, _Op
+from ._spool_engine import Engine
+from ._spool_ops import ACK, ADD_DEAD, APPEND, DEAD, PURGE, REMEMBER, REPLAY, SYNC, Op
 from ._spool_schema import (
     DEAD_COLUMNS,
     MESSAGE_COLUMNS,
@@ -302,7 +303,7 @@ class _SpoolBase:
             batch.mids = [bytes(m) for m in message_ids]
         return batch
 
-    def _append_op(self, batch: _Batch) -> _Op:
+    def _append_op(self, batch: _Batch) -> Op:
         """Assign sequence numbers and build the rows (lock held, room reserved)."""
         e = self._e
         n = len(batch.bodies)
@@ -310,7 +311,7 @@ class _SpoolBase:
         e.next_seq += n
         now = time.time_ns()
         prio = batch.prio
-        op = _Op(APPEND)
+        op = Op(APPEND)
         seqs = range(seq0, seq0 + n)
         mids, framings = batch.mids, batch.framings
         if mids is None and framings is None:
@@ -332,7 +333,7 @@ class _SpoolBase:
         op.result = list(seqs)
         return op
 
-    def _ack_op(self, seqs: int | Iterable[int]) -> _Op:
+    def _ack_op(self, seqs: int | Iterable[int]) -> Op:
         todo = _seq_list(seqs)
         e = self._e
         with e.lock:
@@ -341,7 +342,7 @@ class _SpoolBase:
                 e.inflight_prio.discard(seq)
                 e.released.discard(seq)
                 e.gone.add(seq)
-        return _Op(ACK, arg=todo)
+        return Op(ACK, arg=todo)
 
     def _dead_op(
         self,
@@ -350,7 +351,7 @@ class _SpoolBase:
         attempts: Sequence[Attempt],
         first_failure_ns: int | None,
         queue: str,
-    ) -> _Op:
+    ) -> Op:
         now = time.time_ns()
         first = now if first_failure_ns is None else first_failure_ns
         if first_failure_ns is None and len(attempts) > 1:
@@ -363,9 +364,9 @@ class _SpoolBase:
             e.inflight_prio.discard(seq)
             e.released.discard(seq)
             e.gone.add(seq)
-        return _Op(DEAD, arg=(seq, reason, blob, first, now, queue))
+        return Op(DEAD, arg=(seq, reason, blob, first, now, queue))
 
-    def _add_dead_op(self, letter: DeadLetter) -> _Op:
+    def _add_dead_op(self, letter: DeadLetter) -> Op:
         framing, body = encode_frames(letter.frames)
         last = letter.dead_ns or time.time_ns()
         first = last
@@ -380,9 +381,9 @@ class _SpoolBase:
             e.held_count += 1  # dead letters are never refused: they were accepted once
             e.held_bytes += len(body)
         row = (seq, letter.priority, letter.message_id, framing, body, last, letter.reason)
-        return _Op(ADD_DEAD, arg=(*row, blob, first, last, letter.queue))
+        return Op(ADD_DEAD, arg=(*row, blob, first, last, letter.queue))
 
-    def _remember_op(self, message_id: bytes) -> _Op | None:
+    def _remember_op(self, message_id: bytes) -> Op | None:
         e = self._e
         with e.lock:
             self._expire_dedup()
@@ -395,7 +396,7 @@ class _SpoolBase:
             while len(e.dedup) > e.dedup_max_count:
                 e.dedup.popitem(last=False)
             keep_from = next(iter(e.dedup.values()))[0]
-            return _Op(REMEMBER, arg=([(n, message_id, at)], keep_from))
+            return Op(REMEMBER, arg=([(n, message_id, at)], keep_from))
 
     def _expire_dedup(self) -> None:
         """Drop ids older than the window (lock held); the delete is queued, not awaited."""
@@ -410,15 +411,15 @@ class _SpoolBase:
             e.dedup.popitem(last=False)
         keep_from = next(iter(e.dedup.values()))[0] if e.dedup else e.dedup_next
         if not e.closing:
-            e.enqueue(_Op(REMEMBER, arg=([], keep_from)))
+            e.enqueue(Op(REMEMBER, arg=([], keep_from)))
 
     @staticmethod
-    def _replay_op(seqs: int | Iterable[int] | None) -> _Op:
-        return _Op(REPLAY, arg=None if seqs is None else _seq_list(seqs))
+    def _replay_op(seqs: int | Iterable[int] | None) -> Op:
+        return Op(REPLAY, arg=None if seqs is None else _seq_list(seqs))
 
     @staticmethod
-    def _purge_op(seqs: int | Iterable[int] | None) -> _Op:
-        return _Op(PURGE, arg=None if seqs is None else _seq_list(seqs))
+    def _purge_op(seqs: int | Iterable[int] | None) -> Op:
+        return Op(PURGE, arg=None if seqs is None else _seq_list(seqs))
 
 
 class _Batch:
@@ -578,7 +579,7 @@ class Spool(_SpoolBase):
 
     def flush(self) -> None:
         """Return once everything queued is committed (and, for "batch", fsynced)."""
-        self._e.wait(self._e.submit(_Op(SYNC)))
+        self._e.wait(self._e.submit(Op(SYNC)))
 
 
 class SpoolDeadLetters:

@@ -19,7 +19,7 @@ from typing import Any
 from ._deadletter import Attempt, DeadLetter
 from ._errors import ClosedError, LocalProtocolError
 from ._spool import Frames, _Batch, _SpoolBase
-from ._spool_engine import SYNC, _Op
+from ._spool_ops import SYNC, Op
 from ._spool_schema import SpoolEntry
 
 __all__ = ["AsyncSpool"]
@@ -44,7 +44,7 @@ class AsyncSpool(_SpoolBase):
         self._aclosed = False
         self._e.thread.start()
 
-    def _attach(self, op: _Op) -> asyncio.Future[Any]:
+    def _attach(self, op: Op) -> asyncio.Future[Any]:
         fut: asyncio.Future[Any] = self._loop.create_future()
         op.loop = self._loop
         op.future = fut
@@ -88,7 +88,7 @@ class AsyncSpool(_SpoolBase):
         # The writer resolves the close future as its very last step, so this is brief.
         e.thread.join()
 
-    async def _submit(self, op: _Op) -> Any:
+    async def _submit(self, op: Op) -> Any:
         await self.open()
         fut = self._attach(op)
         self._e.submit(op)
@@ -221,4 +221,4 @@ class AsyncSpool(_SpoolBase):
 
     async def flush(self) -> None:
         """Return once everything queued is committed (and, for "batch", fsynced)."""
-        await self._submit(_Op(SYNC))
+        await self._submit(Op(SYNC))

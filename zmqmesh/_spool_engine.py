@@ -1,6 +1,6 @@
 """The spool's writer: one thread, one SQLite connection, group commit.
 
-Every write (append, ack, dead-letter, replay, purge, de-dup) is an `_Op` put
+Every write (append, ack, dead-letter, replay, purge, de-dup) is an `Op` put
 on a queue. The writer thread drains whatever is queued into ONE transaction
 and commits it, then wakes every waiter of that transaction: concurrent
 appenders share one commit, and under `fsync="always"` one fsync. Waiters are
@@ -21,83 +21,37 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import itertools
 import logging
 import sqlite3
 import threading
 import time
-from typing import Any, Final
+from typing import Any
 
-from ._errors import ClosedError, SpoolFull
+from ._errors import ClosedError, SpoolError, SpoolFull
 from ._metrics import Metrics
 from ._spool_files import SpoolFiles, load
+from ._spool_ops import (
+    ACK,
+    ADD_DEAD,
+    APPEND,
+    CLOSE,
+    COUNTS_SQL,
+    DEAD,
+    REMEMBER,
+    SYNC,
+    Op,
+    TxnCounts,
+    apply,
+    copy_error,
+    insert,
+    resolve_futures,
+    wake_future,
+)
 from ._spool_schema import translate
 
+__all__ = ["Engine"]
+
 log = logging.getLogger("zmqmesh.spool")
-
-# Operation kinds.
-APPEND: Final = 0
-ACK: Final = 1
-DEAD: Final = 2
-ADD_DEAD: Final = 3
-REPLAY: Final = 4
-PURGE: Final = 5
-REMEMBER: Final = 6
-SYNC: Final = 7
-CLOSE: Final = 8
-
-_INSERT: Final = "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?)"
-_ACK: Final = "DELETE FROM messages WHERE seq = ? RETURNING length(body), priority"
-_COUNTS: Final = (
-    "UPDATE counts SET last_seq = ?, pending = ?, pending_bytes = ?, dead = ?, dead_bytes = ?"
-)
-
-
-class _Op:
-    """One queued write and, once its transaction ends, its outcome."""
-
-    __slots__ = (
-        "arg", "count", "done", "error", "future", "kind", "loop", "nbytes", "prio", "result",
-        "rows", "waiter",
-    )  # fmt: skip
-
-    def __init__(self, kind: int, rows: list[Any] | None = None, arg: Any = None) -> None:
-        self.kind = kind
-        self.rows = rows
-        self.arg = arg
-        self.count = 0  # messages appended (capacity reserved)
-        self.nbytes = 0
-        self.prio = 0  # appended messages with priority > 0
-        self.result: Any = None
-        self.error: BaseException | None = None
-        self.done = False
-        self.waiter: threading.Lock | None = None  # held until done, for a waiting thread
-        self.loop: asyncio.AbstractEventLoop | None = None
-        self.future: asyncio.Future[Any] | None = None
-
-
-def _resolve(ops: list[_Op]) -> None:
-    """Runs in an event loop: hand each op's outcome to its future."""
-    for op in ops:
-        fut = op.future
-        if fut is None or fut.done():
-            continue
-        if op.error is not None:
-            fut.set_exception(op.error)
-        else:
-            fut.set_result(op.result)
-
-
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
-        fut.set_result(None)
-
-
-def _copy_error(err: BaseException) -> BaseException:
-    """A fresh exception per waiter (one instance raised by many threads shares a traceback)."""
-    fresh = type(err)(*err.args)
-    fresh.__cause__ = err.__cause__
-    return fresh
 
 
 class Engine:
@@ -135,7 +89,7 @@ class Engine:
         self.work = threading.Condition(self.lock)  # the writer waits here for ops
         self.space = threading.Condition(self.lock)  # blocked appenders wait for room
         self.space_async: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
-        self.queue: collections.deque[_Op] = collections.deque()
+        self.queue: collections.deque[Op] = collections.deque()
         self.writer_idle = False
         self.closing = False
         self.blocked = 0
@@ -163,14 +117,14 @@ class Engine:
         self.files = SpoolFiles(path)
         self._unsynced = 0
         self._last_sync = time.monotonic()
-        self.open_op = _Op(SYNC)
-        self._close_op: _Op | None = None
-        self._late: list[_Op] = []
+        self.open_op = Op(SYNC)
+        self._close_op: Op | None = None
+        self._late: list[Op] = []
         self._close_error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name=f"spool-writer {path}", daemon=True)
 
     # ----------------------------------------------------------- waiting / queue
-    def enqueue(self, op: _Op) -> None:
+    def enqueue(self, op: Op) -> None:
         """Queue `op` (lock held by the caller)."""
         if self.closing:
             raise ClosedError(f"spool {self.path} is closed")
@@ -178,12 +132,12 @@ class Engine:
         if self.writer_idle:
             self.work.notify()
 
-    def submit(self, op: _Op) -> _Op:
+    def submit(self, op: Op) -> Op:
         with self.lock:
             self.enqueue(op)
         return op
 
-    def wait(self, op: _Op) -> Any:
+    def wait(self, op: Op) -> Any:
         """Block the calling thread until `op`'s transaction has ended."""
         with self.lock:
             waiter = None if op.done else self.waiter_for(op)
@@ -194,7 +148,7 @@ class Engine:
         return op.result
 
     @staticmethod
-    def waiter_for(op: _Op) -> threading.Lock:
+    def waiter_for(op: Op) -> threading.Lock:
         """A held lock the writer releases when `op` is done (lock held by the caller).
 
         One lock per waiting thread: a commit wakes exactly its own waiters, not
@@ -269,7 +223,7 @@ class Engine:
         self.space.notify_all()
         for loop, fut in self.space_async:
             with contextlib.suppress(RuntimeError):  # that loop is closed
-                loop.call_soon_threadsafe(_wake, fut)
+                loop.call_soon_threadsafe(wake_future, fut)
         self.space_async.clear()
 
     # ----------------------------------------------------------------- thread
@@ -311,12 +265,21 @@ class Engine:
             if not ops:
                 self._sync_wal()
                 continue
-            if self._execute(ops):
-                return
+            try:
+                if self._execute(ops):
+                    return
+            except Exception as exc:  # a bug: fail these writes, keep the writer alive
+                log.exception("spool %s: writer error", self.path)
+                err = SpoolError(f"spool {self.path}: internal error in the writer: {exc!r}")
+                with self.lock:
+                    stuck = [op for op in ops if not op.done and op.kind != CLOSE]
+                self._finish(stuck, err, failed=True)
+                if any(op.kind == CLOSE for op in ops):
+                    return
 
-    def _drain(self) -> list[_Op]:
+    def _drain(self) -> list[Op]:
         """Ops for one transaction: everything queued, up to about `batch_max` messages."""
-        ops: list[_Op] = []
+        ops: list[Op] = []
         rows = 0
         queue = self.queue
         while queue and (not ops or rows < self.batch_max):
@@ -327,20 +290,20 @@ class Engine:
                 break
         return ops
 
-    def _execute(self, ops: list[_Op]) -> bool:
+    def _execute(self, ops: list[Op]) -> bool:
         """Run `ops` in one transaction and commit; True when a CLOSE op was among them."""
         conn = self.wconn
         assert conn is not None
         closing = any(op.kind == CLOSE for op in ops)
         force_sync = closing or any(op.kind == SYNC for op in ops)
-        state = _TxnCounts(self)
+        state = TxnCounts(self)
         appends = [op for op in ops if op.kind == APPEND]
         try:
             conn.execute("BEGIN")
-            self._insert(conn, appends, state)
+            insert(conn, appends, state)
             for op in ops:
                 if op.kind not in (APPEND, SYNC, CLOSE):
-                    self._apply(conn, op, state)
+                    apply(conn, op, state, self._allocate)
             # Late joiners: appends queued while this transaction ran share its
             # commit (and fsync), up to batch_max messages. A replay pulled in
             # every queued append already (see _replay).
@@ -348,7 +311,7 @@ class Engine:
             while True:
                 if late:
                     ops.extend(late)
-                    self._insert(conn, late, state)
+                    insert(conn, late, state)
                 if state.appended >= self.batch_max:
                     break
                 with self.lock:
@@ -356,7 +319,7 @@ class Engine:
                 if not late:
                     break
             conn.execute(
-                _COUNTS,
+                COUNTS_SQL,
                 (
                     self.next_seq - 1,
                     state.pending,
@@ -382,6 +345,7 @@ class Engine:
         appended, nbytes = state.appended, state.appended_bytes
         self.metrics.inc("spool_commits")
         self._unsynced += appended or 1
+        sync_error = None
         if self.policy == "always":
             self._unsynced = 0
             self._last_sync = time.monotonic()
@@ -391,38 +355,43 @@ class Engine:
             or self._unsynced >= self.batch_max
             or time.monotonic() - self._last_sync >= self.sync_interval
         ):
-            self._sync_wal()
+            sync_error = self._sync_wal()
         elif self.policy == "off":
             self._unsynced = 0
+        if sync_error is not None and force_sync:
+            # Committed, but not durable as flush()/close() promise: say so.
+            for op in ops:
+                if op.kind == SYNC:
+                    op.error = copy_error(sync_error)
+            if closing:
+                self._close_error = sync_error
         if appended:
             self.metrics.inc("spool_appended", appended)
             self.metrics.inc("spool_appended_bytes", nbytes)
         self._publish(state, ops)
         return closing
 
-    @staticmethod
-    def _insert(conn: sqlite3.Connection, appends: list[_Op], s: _TxnCounts) -> None:
-        if not appends:
-            return
-        conn.executemany(_INSERT, itertools.chain.from_iterable(op.rows or () for op in appends))
-        for op in appends:
-            s.appended += op.count
-            s.appended_bytes += op.nbytes
-            s.pending += op.count
-            s.pending_bytes += op.nbytes
-            s.prio += op.prio
+    def _allocate(self, n: int) -> int:
+        """`n` sequence numbers for a replay, numbered when it runs (writer thread)."""
+        with self.lock:
+            base = self.next_seq
+            self.next_seq += n
+            # Appends already queued hold lower numbers than these: they must
+            # commit in this transaction, not after it.
+            self._late.extend(self._pull_appends(None))
+        return base
 
-    def _pull_appends(self, limit: int | None) -> list[_Op]:
+    def _pull_appends(self, limit: int | None) -> list[Op]:
         """Queued appends, oldest first, up to `limit` messages (lock held).
 
         Appends may overtake other queued ops (an ack or a replay never refers
         to a message not yet appended) but never each other: sequence numbers
         must become visible in increasing order, or `take` would skip some.
         """
-        pulled: list[_Op] = []
+        pulled: list[Op] = []
         if not self.queue:
             return pulled
-        keep: collections.deque[_Op] = collections.deque()
+        keep: collections.deque[Op] = collections.deque()
         rows = 0
         for op in self.queue:
             if op.kind == APPEND and (limit is None or rows < limit):
@@ -436,101 +405,8 @@ class Engine:
             self.queue = keep
         return pulled
 
-    def _apply(self, conn: sqlite3.Connection, op: _Op, s: _TxnCounts) -> None:
-        """One non-append write, inside the open transaction; counts go to `s`."""
-        kind = op.kind
-        if kind == ACK:
-            n = 0
-            for seq in op.arg:
-                for size, priority in conn.execute(_ACK, (seq,)).fetchall():
-                    n += 1
-                    s.pending -= 1
-                    s.pending_bytes -= size
-                    s.freed_count += 1
-                    s.freed_bytes += size
-                    s.prio -= priority > 0
-            op.result = n
-            s.acked += n
-        elif kind == DEAD:
-            seq, reason, attempts, first, last, queue = op.arg
-            cur = conn.execute(
-                "INSERT INTO dead SELECT seq, priority, message_id, framing, body, created_ns, "
-                "?, ?, ?, ?, ? FROM messages WHERE seq = ?",
-                (reason, attempts, first, last, queue, seq),
-            )
-            moved = cur.rowcount == 1
-            if moved:
-                for size, priority in conn.execute(_ACK, (seq,)).fetchall():
-                    s.pending -= 1
-                    s.pending_bytes -= size
-                    s.dead += 1
-                    s.dead_bytes += size
-                    s.prio -= priority > 0
-            op.result = moved
-        elif kind == ADD_DEAD:
-            conn.execute(f"INSERT INTO dead VALUES ({', '.join('?' * 11)})", op.arg)
-            s.dead += 1
-            s.dead_bytes += len(op.arg[4])
-            op.result = op.arg[0]
-        elif kind == REPLAY:
-            op.result = self._replay(conn, op.arg, s)
-        elif kind == PURGE:
-            n = 0
-            if op.arg is None:
-                sizes = conn.execute("DELETE FROM dead RETURNING length(body)").fetchall()
-            else:
-                sizes = []
-                for seq in op.arg:
-                    sizes += conn.execute(
-                        "DELETE FROM dead WHERE seq = ? RETURNING length(body)", (seq,)
-                    ).fetchall()
-            for (size,) in sizes:
-                n += 1
-                s.dead -= 1
-                s.dead_bytes -= size
-                s.freed_count += 1
-                s.freed_bytes += size
-            op.result = n
-        elif kind == REMEMBER:
-            rows, keep_from = op.arg
-            if rows:
-                conn.executemany("INSERT INTO dedup VALUES (?, ?, ?)", rows)
-            conn.execute("DELETE FROM dedup WHERE n < ?", (keep_from,))
-
-    def _replay(self, conn: sqlite3.Connection, seqs: list[int] | None, s: _TxnCounts) -> int:
-        """Dead letters back to pending, at the end of the queue, oldest first."""
-        if seqs is None:
-            found = conn.execute("SELECT seq, priority, length(body) FROM dead ORDER BY seq")
-            rows = found.fetchall()
-        else:
-            rows = []
-            for seq in sorted(set(seqs)):
-                rows += conn.execute(
-                    "SELECT seq, priority, length(body) FROM dead WHERE seq = ?", (seq,)
-                ).fetchall()
-        with self.lock:
-            base = self.next_seq
-            self.next_seq += len(rows)
-            # Appends already queued hold lower numbers than these: they must
-            # commit in this transaction, not after it.
-            self._late.extend(self._pull_appends(None))
-        for i, (seq, priority, size) in enumerate(rows):
-            conn.execute(
-                "INSERT INTO messages SELECT ?, priority, message_id, framing, body, created_ns "
-                "FROM dead WHERE seq = ?",
-                (base + i, seq),
-            )
-            conn.execute("DELETE FROM dead WHERE seq = ?", (seq,))
-            s.dead -= 1
-            s.dead_bytes -= size
-            s.pending += 1
-            s.pending_bytes += size
-            s.prio += priority > 0
-        s.replayed += len(rows)
-        return len(rows)
-
-    def _publish(self, s: _TxnCounts, ops: list[_Op]) -> None:
-        async_ops: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
+    def _publish(self, s: TxnCounts, ops: list[Op]) -> None:
+        async_ops: dict[asyncio.AbstractEventLoop, list[Op]] = {}
         with self.lock:
             self.pending, self.pending_bytes = s.pending, s.pending_bytes
             self.dead, self.dead_bytes, self.prio_pending = s.dead, s.dead_bytes, s.prio
@@ -553,7 +429,7 @@ class Engine:
                 self.wake_space()
         for loop, batch in async_ops.items():
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, batch)
+                loop.call_soon_threadsafe(resolve_futures, batch)
         m = self.metrics
         if s.acked:
             m.inc("spool_acked", s.acked)
@@ -562,13 +438,13 @@ class Engine:
         m.set_gauge("spool_pending", s.pending)
         m.set_gauge("spool_dead", s.dead)
 
-    def _finish(self, ops: list[_Op], err: BaseException | None, failed: bool = False) -> None:
+    def _finish(self, ops: list[Op], err: BaseException | None, failed: bool = False) -> None:
         """End `ops` with `err` (or success) and wake their waiters."""
-        async_ops: dict[asyncio.AbstractEventLoop, list[_Op]] = {}
+        async_ops: dict[asyncio.AbstractEventLoop, list[Op]] = {}
         with self.lock:
             for op in ops:
                 if err is not None:
-                    op.error = _copy_error(err)
+                    op.error = copy_error(err)
                 if failed:
                     if op.kind == APPEND:
                         self.held_count -= op.count
@@ -577,6 +453,9 @@ class Engine:
                         self.gone.difference_update(op.arg)
                     elif op.kind == DEAD:
                         self.gone.discard(op.arg[0])
+                    elif op.kind == ADD_DEAD:
+                        self.held_count -= 1
+                        self.held_bytes -= len(op.arg[4])
                     elif op.kind == REMEMBER:  # not stored: not remembered either
                         for n, mid, _at in op.arg[0]:
                             if self.dedup.get(mid, (0, 0))[0] == n:
@@ -590,7 +469,7 @@ class Engine:
                 self.wake_space()
         for loop, batch in async_ops.items():
             with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_resolve, batch)
+                loop.call_soon_threadsafe(resolve_futures, batch)
 
     @staticmethod
     def _rollback(conn: sqlite3.Connection) -> None:
@@ -598,16 +477,19 @@ class Engine:
             with contextlib.suppress(sqlite3.Error):
                 conn.execute("ROLLBACK")
 
-    def _sync_wal(self) -> None:
+    def _sync_wal(self) -> SpoolError | None:
         """fsync the write-ahead log: every commit so far survives a power loss (batch)."""
         self._unsynced = 0
         self._last_sync = time.monotonic()
         try:
             self.files.fsync_wal()
-            self.metrics.inc("spool_fsyncs")
         except OSError as exc:
             self.metrics.inc("spool_errors")
-            log.error("%s", translate(self.path, "fsync of the write-ahead log", exc))
+            err = translate(self.path, "fsync of the write-ahead log", exc)
+            log.error("%s", err)
+            return err
+        self.metrics.inc("spool_fsyncs")
+        return None
 
     # ------------------------------------------------------------ open / close
     def _open(self) -> None:
@@ -625,12 +507,12 @@ class Engine:
         self.metrics.set_gauge("spool_pending", got.pending)
         self.metrics.set_gauge("spool_dead", got.dead)
 
-    def close(self) -> _Op | None:
+    def close(self) -> Op | None:
         """Queue the final commit and fsync; None if already closing."""
         with self.lock:
             if self.closing:
                 return None
-            op = _Op(CLOSE)
+            op = Op(CLOSE)
             self._close_op = op
             self.queue.append(op)
             self.closing = True
@@ -662,18 +544,3 @@ class Engine:
 
     def _release_files(self) -> None:
         self.files.release()
-
-
-class _TxnCounts:
-    """Counts as they will be once the open transaction commits."""
-
-    __slots__ = (
-        "acked", "appended", "appended_bytes", "dead", "dead_bytes", "freed_bytes",
-        "freed_count", "pending", "pending_bytes", "prio", "replayed",
-    )  # fmt: skip
-
-    def __init__(self, e: Engine) -> None:
-        self.pending, self.pending_bytes = e.pending, e.pending_bytes
-        self.dead, self.dead_bytes, self.prio = e.dead, e.dead_bytes, e.prio_pending
-        self.freed_count = self.freed_bytes = self.acked = self.replayed = 0
-        self.appended = self.appended_bytes = 0

@@ -27,7 +27,7 @@ from typing import NamedTuple
 from ._errors import CorruptRecord, SpoolError
 from ._spool_schema import APP_NAME, SCHEMA, check_header, check_version, translate
 
-__all__ = ["Loaded", "SpoolFiles", "load"]
+__all__ = ["Loaded", "SpoolFiles", "check_schema", "create", "load"]
 
 _SYNCHRONOUS = {"always": "FULL", "batch": "NORMAL", "off": "OFF"}
 
