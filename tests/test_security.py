@@ -658,3 +658,50 @@ def test_keygen_help_lists_the_command(capsys: pytest.CaptureFixture[str]):
     with pytest.raises(SystemExit):
         main(["--help"])
     assert "keygen" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------ CLI flags
+
+
+def test_cli_curve_flags_build_options(keys: Keys):
+    import argparse
+
+    from zmqmesh._commands._curve import (
+        add_curve_arguments,
+        client_curve_from_args,
+        server_curve_from_args,
+        trust_store_from_args,
+    )
+
+    srv = argparse.ArgumentParser()
+    add_curve_arguments(srv, server=True)
+    cli = argparse.ArgumentParser()
+    add_curve_arguments(cli, client=True)
+
+    assert server_curve_from_args(srv.parse_args([])) is None
+    opts = server_curve_from_args(
+        srv.parse_args(["--secret-key", str(keys.secret("server")), "--allow", str(keys.allow)])
+    )
+    assert opts is not None and opts.server and opts.allow is not None
+    assert opts.allow.is_trusted(load_public_key(keys.public("alice")))
+    with pytest.raises(ConfigError, match="--allow needs --secret-key"):
+        server_curve_from_args(srv.parse_args(["--allow", str(keys.allow)]))
+    with pytest.raises(ConfigError, match=re.escape(str(keys.root / "nope"))):
+        server_curve_from_args(srv.parse_args(["--secret-key", str(keys.root / "nope")]))
+
+    server_pub = load_public_key(keys.public("server"))
+    assert client_curve_from_args(cli.parse_args([])) is None
+    eph = client_curve_from_args(cli.parse_args(["--server-key", server_pub.decode()]))
+    assert eph is not None and eph.server_key == server_pub and not eph.server
+    argv = ["--secret-key", str(keys.secret("alice")), "--server-key", str(keys.public("server"))]
+    mine = client_curve_from_args(cli.parse_args(argv))
+    assert mine is not None and mine.public_key == load_public_key(keys.public("alice"))
+    announced = client_curve_from_args(
+        cli.parse_args(["--secret-key", str(keys.secret("alice"))]), server_key=server_pub
+    )
+    assert announced is not None and announced.server_key == server_pub
+    with pytest.raises(ConfigError, match="needs --server-key"):
+        client_curve_from_args(cli.parse_args(["--secret-key", str(keys.secret("alice"))]))
+    assert trust_store_from_args(cli.parse_args([])) is None
+    store = trust_store_from_args(cli.parse_args(["--trust", str(keys.allow)]))
+    assert store is not None and store.is_trusted(load_public_key(keys.public("alice")))
