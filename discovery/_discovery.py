@@ -12,6 +12,7 @@ discovery: the one-liner to give a pattern (`source=ServiceSource("orders")`).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import time
 from collections.abc import Mapping, Sequence
 
@@ -225,6 +226,9 @@ class Discovery:
         except BaseException:
             self._thread.stop()
             raise
+        # A script that forgets close() still says goodbye at interpreter exit
+        # (atexit runs while our daemon loop thread is alive).
+        atexit.register(self.close)
 
     @property
     def node_id(self) -> str:
@@ -295,6 +299,7 @@ class Discovery:
 
     def close(self) -> None:
         """Stop browsers, send goodbyes, close sockets and stop the loop thread."""
+        atexit.unregister(self.close)
         if self._thread.loop.is_closed():
             return
         try:

@@ -378,3 +378,32 @@ def test_lifecycle_errors() -> None:
     d.close()  # idempotent
     with pytest.raises(ClosedError):
         d.browse()
+
+
+_FORGETFUL = """
+import sys
+from discovery import Discovery
+d = Discovery(interfaces=["127.0.0.1"])
+a = d.announce("tcp://127.0.0.1:40014", service=sys.argv[1], role="server", probe=False)
+print(a.name, flush=True)
+sys.stdin.read()
+"""
+
+
+def test_goodbye_at_exit_without_close(pair: tuple[Discovery, Discovery], svc: str) -> None:
+    _, b = pair
+    with b.browse(service=svc) as browser:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _FORGETFUL, svc],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        name = proc.stdout.readline().strip()
+        browser.wait_for(lambda p: name in p, 5)
+        proc.stdin.close()  # the script ends without closing its discovery
+        assert proc.wait(10) == 0
+        proc.stdout.close()
+        event = next_event(browser, "removed")
+        assert (event.peer.name, event.reason) == (name, "goodbye")
