@@ -440,7 +440,10 @@ def test_one_process_per_spool(tmp_path):
     with Spool(path), pytest.raises(SpoolError, match="already open in this process"):
         Spool(path)
     holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(path)], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(path)],
+        stdin=subprocess.PIPE,  # it holds the spool until killed (its read never returns)
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
@@ -451,6 +454,9 @@ def test_one_process_per_spool(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+        for pipe in (holder.stdin, holder.stdout):
+            if pipe is not None:
+                pipe.close()
     with Spool(path) as spool:  # the lock died with its process
         assert spool.stats().pending == 1
 

@@ -117,6 +117,8 @@ def test_kill_9_at_30_random_moments_loses_nothing_acknowledged(tmp_path):
             proc.kill()
             proc.wait()
         lines.drain()
+        assert proc.stdout is not None
+        proc.stdout.close()
         kills_during_open += target == 0
         assert lines.lines == sorted(lines.lines), "the producer acknowledged out of order"
         acknowledged.update(lines.lines)
