@@ -1,0 +1,332 @@
+"""`zmqmesh bench pubsub`: Publisher -> Subscriber beside raw pyzmq PUB -> SUB, same run.
+
+Both sides move `count` messages of `size` bytes on one topic, one
+publisher and one subscriber, each in its own spawned process (tcp, ipc), or
+as two threads of one spawned process (inproc, which cannot cross processes).
+
+- zmqmesh: `patterns.pubsub.Publisher` / `Subscriber`: a Data header per
+  message (ids, per-topic numbering), gap and duplicate checks, a `Message`
+  per receive.
+- raw: plain pyzmq, `[topic, body]`, no envelope. `--raw` picks how it moves
+  frames; the default, `frames`, is the fastest way that still finds message
+  boundaries: one `send` per frame with SNDMORE, and a receive loop of
+  `recv(copy=False)` that reads each frame's `more` flag (pyzmq's
+  send_multipart/recv_multipart cost about twice as much; `multipart` measures
+  them). `fixed` assumes every message has exactly two frames and reads two
+  with no boundary check: the upper bound, unsafe for a real subscriber.
+  The raw publisher is an XPUB socket so that it too can see the subscription
+  arrive (sending on XPUB is sending on PUB).
+
+Both subscribers connect and subscribe before timing starts: the publisher
+waits for the subscription event, not for a sleep. HWMs are unlimited so
+nothing is dropped; what did not arrive within 10 s of silence is reported
+as lost. Time runs from the publisher's first send to the subscriber's last
+receive (CLOCK_MONOTONIC is one clock for every process of the host).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import tempfile
+import threading
+import time
+from typing import Any, Final
+
+from .._errors import ConfigError
+from . import Progress, ratio, run_isolated
+
+NAME = "pubsub"
+HELP = "Publisher -> Subscriber vs raw pyzmq PUB -> SUB with a topic frame"
+
+_TOPIC: Final = b"bench.prices"
+_IDLE: Final = 10.0  # seconds of silence after which the rest counts as lost
+_RAW_MODES: Final = ("frames", "multipart", "fixed")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--count", type=int, default=200_000, help="messages (default 200000)")
+    parser.add_argument("--size", type=int, default=100, help="body bytes (default 100)")
+    parser.add_argument(
+        "--transport",
+        choices=("tcp", "ipc", "inproc"),
+        default="tcp",
+        help="transport (default tcp; inproc runs both ends as threads of one process)",
+    )
+    parser.add_argument(
+        "--raw",
+        choices=_RAW_MODES,
+        default="frames",
+        help="how the raw side moves frames (default frames; see the module docstring)",
+    )
+
+
+def run(args: argparse.Namespace, progress: Progress) -> list[dict[str, Any]]:
+    if args.count < 1:
+        raise ConfigError(f"--count must be >= 1, got {args.count}")
+    if args.size < 0:
+        raise ConfigError(f"--size must be >= 0, got {args.size}")
+    shape = (args.count, args.size, args.transport, args.raw)
+    progress(f"zmqmesh Publisher -> Subscriber, {args.count:,} x {args.size} B, {args.transport}")
+    ours, ours_lost = _measure("zmqmesh", *shape)
+    progress(f"zmqmesh: {ours:,.0f} msg/s; raw pyzmq PUB -> SUB ({args.raw})")
+    raw, raw_lost = _measure("raw", *shape)
+    progress(f"raw: {raw:,.0f} msg/s")
+    return [
+        {
+            "pattern": NAME,
+            "count": args.count,
+            "size": args.size,
+            "transport": args.transport,
+            "raw_mode": args.raw,
+            "zmqmesh_msgs_per_s": round(ours, 1),
+            "raw_msgs_per_s": round(raw, 1),
+            "ratio": ratio(ours, raw),
+            "zmqmesh_lost": ours_lost,
+            "raw_lost": raw_lost,
+        }
+    ]
+
+
+def _measure(side: str, count: int, size: int, transport: str, raw_mode: str) -> tuple[float, int]:
+    """Messages per second and messages lost for one side."""
+    if transport == "inproc":
+        result: tuple[float, int] = run_isolated(_inproc, side, count, size, raw_mode)
+        return result
+    mp = multiprocessing.get_context("spawn")
+    results = mp.Queue()
+    with tempfile.TemporaryDirectory(prefix="zmqmesh-bench-") as tmp:
+        endpoint = f"ipc://{tmp}/pubsub" if transport == "ipc" else "tcp://127.0.0.1:*"
+        pub = mp.Process(
+            target=_publisher_process,
+            args=(side, endpoint, count, size, raw_mode, results),
+            daemon=True,
+        )
+        pub.start()
+        sub: Any = None
+        try:
+            bound = _get(results, 30, f"the {side} publisher did not bind")[1]
+            sub = mp.Process(
+                target=_subscriber_process,
+                args=(side, bound, count, raw_mode, results),
+                daemon=True,
+            )
+            sub.start()
+            reports = [_get(results, 600, f"the {side} run did not finish") for _ in range(2)]
+        finally:
+            for proc in (pub, sub):
+                if proc is not None:
+                    proc.join(timeout=5)
+                    if proc.is_alive():
+                        proc.kill()
+                        proc.join(timeout=5)
+    return _rate(side, reports)
+
+
+def _get(results: Any, timeout: float, what: str) -> Any:
+    import queue
+
+    try:
+        item = results.get(timeout=timeout)
+    except queue.Empty:
+        raise RuntimeError(f"bench pubsub: {what} within {timeout:g} s") from None
+    if item[0] == "error":
+        raise RuntimeError(f"bench pubsub: {item[1]}")
+    return item
+
+
+def _rate(side: str, reports: list[tuple[str, float, int]]) -> tuple[float, int]:
+    by_kind = {kind: (t, n) for kind, t, n in reports}
+    start, sent = by_kind["pub"]
+    end, received = by_kind["sub"]
+    if received == 0:
+        raise RuntimeError(f"bench pubsub: the {side} subscriber received nothing")
+    return received / (end - start), sent - received
+
+
+# ------------------------------------------------------------------- processes
+
+
+def _publisher_process(
+    side: str, endpoint: str, count: int, size: int, raw_mode: str, results: Any
+) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        publish = _zmqmesh_publisher if side == "zmqmesh" else _raw_publisher
+        results.put(publish(ctx, endpoint, count, size, raw_mode, results.put))
+    except Exception as exc:
+        results.put(("error", f"{side} publisher: {type(exc).__name__}: {exc}"))
+    finally:
+        ctx.term()
+
+
+def _subscriber_process(side: str, endpoint: str, count: int, raw_mode: str, results: Any) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    try:
+        subscribe = _zmqmesh_subscriber if side == "zmqmesh" else _raw_subscriber
+        results.put(subscribe(ctx, endpoint, count, raw_mode))
+    except Exception as exc:
+        results.put(("error", f"{side} subscriber: {type(exc).__name__}: {exc}"))
+    finally:
+        ctx.term()
+
+
+def _inproc(side: str, count: int, size: int, raw_mode: str) -> tuple[float, int]:
+    import queue
+
+    import zmq
+
+    ctx = zmq.Context()
+    endpoint = f"inproc://bench-{os.getpid()}"
+    reports: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    publish = _zmqmesh_publisher if side == "zmqmesh" else _raw_publisher
+    subscribe = _zmqmesh_subscriber if side == "zmqmesh" else _raw_subscriber
+
+    def pub_thread() -> None:
+        try:
+            reports.put(publish(ctx, endpoint, count, size, raw_mode, reports.put))
+        except Exception as exc:
+            reports.put(("error", f"{side} publisher: {type(exc).__name__}: {exc}"))
+
+    def sub_thread(bound: str) -> None:
+        try:
+            reports.put(subscribe(ctx, bound, count, raw_mode))
+        except Exception as exc:
+            reports.put(("error", f"{side} subscriber: {type(exc).__name__}: {exc}"))
+
+    threads = [threading.Thread(target=pub_thread, daemon=True)]
+    threads[0].start()
+    try:
+        bound = _get(reports, 30, f"the {side} publisher did not bind")[1]
+        threads.append(threading.Thread(target=sub_thread, args=(bound,), daemon=True))
+        threads[1].start()
+        got = [_get(reports, 600, f"the {side} run did not finish") for _ in range(2)]
+    finally:
+        for t in threads:
+            t.join(timeout=30)
+    ctx.term()
+    return _rate(side, got)
+
+
+# ------------------------------------------------------------------- zmqmesh
+
+
+def _zmqmesh_publisher(
+    ctx: Any, endpoint: str, count: int, size: int, raw_mode: str, announce: Any
+) -> tuple[str, float, int]:
+    from patterns.pubsub import Publisher
+
+    body = b"x" * size
+    with Publisher(bind=endpoint, ctx=ctx, hwm=0, name="bench") as pub:
+        announce(("bound", pub.endpoints[0]))
+        pub.wait_for_subscribers(1, timeout=30, topic=_TOPIC)
+        publish = pub.publish
+        start = time.monotonic()
+        for _ in range(count):
+            publish(_TOPIC, body)
+        # Let the queued messages leave before the socket closes.
+        pub.close(linger=_IDLE)
+    return ("pub", start, count)
+
+
+def _zmqmesh_subscriber(
+    ctx: Any, endpoint: str, count: int, raw_mode: str
+) -> tuple[str, float, int]:
+    from patterns.pubsub import Subscriber
+    from zmqmesh import Timeout
+
+    received = 0
+    end = time.monotonic()
+    with Subscriber(connect=endpoint, topics=[_TOPIC], ctx=ctx, hwm=0, name="bench") as sub:
+        recv = sub.recv
+        try:
+            while received < count:
+                recv(_IDLE)
+                received += 1
+            end = time.monotonic()
+        except Timeout:
+            end = time.monotonic() - _IDLE
+    return ("sub", end, received)
+
+
+# ----------------------------------------------------------------------- raw
+
+
+def _raw_publisher(
+    ctx: Any, endpoint: str, count: int, size: int, raw_mode: str, announce: Any
+) -> tuple[str, float, int]:
+    import zmq
+
+    sock = ctx.socket(zmq.XPUB)
+    sock.sndhwm = 0
+    sock.rcvhwm = 0
+    if endpoint.endswith(":*"):
+        port = sock.bind_to_random_port(endpoint.rsplit(":", 1)[0])
+        bound = f"{endpoint.rsplit(':', 1)[0]}:{port}"
+    else:
+        sock.bind(endpoint)
+        bound = endpoint
+    announce(("bound", bound))
+    sock.rcvtimeo = 30_000
+    if sock.recv() != b"\x01" + _TOPIC:  # the subscription: the subscriber is there
+        raise RuntimeError("unexpected subscription")
+    body = b"x" * size
+    start = time.monotonic()
+    if raw_mode == "multipart":
+        send_multipart = sock.send_multipart
+        parts = [_TOPIC, body]
+        for _ in range(count):
+            send_multipart(parts)
+    else:
+        send = sock.send
+        more = zmq.SNDMORE
+        for _ in range(count):
+            send(_TOPIC, more)
+            send(body)
+    sock.close(linger=int(_IDLE * 1000))
+    return ("pub", start, count)
+
+
+def _raw_subscriber(ctx: Any, endpoint: str, count: int, raw_mode: str) -> tuple[str, float, int]:
+    import zmq
+
+    sock = ctx.socket(zmq.SUB)
+    sock.rcvhwm = 0
+    sock.linger = 0
+    sock.rcvtimeo = int(_IDLE * 1000)
+    sock.subscribe(_TOPIC)
+    sock.connect(endpoint)
+    received = 0
+    end = time.monotonic()
+    try:
+        if raw_mode == "multipart":
+            recv_multipart = sock.recv_multipart
+            while received < count:
+                recv_multipart()
+                received += 1
+        elif raw_mode == "fixed":
+            recv = sock.recv
+            while received < count:
+                recv()
+                recv()
+                received += 1
+        else:
+            recv = sock.recv
+            while received < count:
+                frame = recv(copy=False)
+                parts = [frame.bytes]
+                while frame.more:
+                    frame = recv(copy=False)
+                    parts.append(frame.bytes)
+                received += 1
+        end = time.monotonic()
+    except zmq.Again:
+        end = time.monotonic() - _IDLE
+    finally:
+        sock.close()
+    return ("sub", end, received)
