@@ -23,6 +23,7 @@ from ._errors import LocalProtocolError, RemoteProtocolError
 __all__ = [
     "PROTOCOL_VERSION",
     "Ack",
+    "Batch",
     "Codec",
     "Data",
     "Header",
@@ -65,6 +66,11 @@ class Data(msgspec.Struct, tag=0, array_like=True, frozen=True):
     # `seq` counts across all topics, so a subscriber that filters by prefix sees
     # jumps in it that are not losses; a per-topic count makes gaps exact.
     topic_seq: int = 0
+    # How many body frames follow this header (0: not stated). A receiver that
+    # knows the count reads the frames without asking libzmq for RCVMORE after
+    # each one (a slow getsockopt in pyzmq) and checks only the last frame's
+    # MORE flag, so a message that breaks its own count is still caught.
+    body_frames: int = 0
 
     @property
     def message_id(self) -> bytes:
@@ -97,6 +103,20 @@ class Ack(msgspec.Struct, tag=2, array_like=True, frozen=True):
 
     version: int
     ids: list[bytes]
+
+
+class Batch(msgspec.Struct, tag=3, array_like=True, frozen=True):
+    """Header of a pipeline batch: `count` messages coalesced into one body frame.
+
+    The body frame is a msgpack array of `[Data header, body]` pairs, in the
+    order they were sent. Only pipeline pullers read batches, so `Batch` is not
+    part of `Header`: `decode_header` refuses it like any unexpected frame.
+    """
+
+    version: int
+    sender: bytes
+    count: int
+    body_frames: int = 1
 
 
 Header: TypeAlias = Data | Reply | Ack
