@@ -84,7 +84,7 @@ def test_unknown_version_is_named() -> None:
 def test_newer_minor_fields_are_tolerated() -> None:
     # Fields appended by a later minor release are ignored (msgspec schema evolution).
     newer = msgspec.msgpack.encode(
-        [0, PROTOCOL_VERSION, b"s" * 8, 1, 2, {}, 0, 1, b"", "", 0, 0, "new", 42]
+        [0, PROTOCOL_VERSION, b"s" * 8, 1, 2, {}, 0, 1, b"", "", 0, 0, 0, "new", 42]
     )
     header = decode_header(newer)
     assert isinstance(header, Data) and header.seq == 1
