@@ -1,0 +1,656 @@
+"""Request-reply as sans-I/O machines: the client's pending requests and the server's framing.
+
+Wire (the request-reply contract shared with the Paranoid Pirate queue): a
+client DEALER sends `[b"", Data header, body...]` with `correlation_id ==
+message_id` (sender + seq) and `attempt` 1, 2, ... on retries; the server
+ROUTER sees `[client identity..., b"", header, body...]` and answers
+`[client identity..., b"", Reply header, body...]` with the correlation id
+echoed and status OK (0) or ERROR (1) with the reason in `error`.
+
+`ClientMachine` keeps every request in flight by correlation id with its own
+deadline and retry budget, and decides the Lazy Pirate moves (zguide chapter
+4, "Client-Side Reliability (Lazy Pirate Pattern)"):
+
+- The client talks to one server endpoint at a time (zguide's Freelance model
+  one, "failover": a DEALER connected to several servers would spread
+  requests round-robin over live and dead ones alike).
+- A request whose deadline passes with retries left makes the driver close
+  the socket (linger 0: the unanswered copy must not be delivered later),
+  open a fresh one (a fresh routing identity; the server's reply to the old
+  one is lost anyway) on the *next* endpoint, and resend. The resend keeps
+  sender, seq and correlation id and bumps `attempt`, so a queue can merge it
+  with the copy it still holds. Every other request in flight was sent on
+  the closed socket too: it is resent at once (attempt + 1, its timer
+  restarted) without spending its own retries.
+- With no retries left the request fails with `RequestTimeout` naming the
+  endpoints tried, the attempts and the timeout. With one endpoint the
+  socket is kept (a late reply is then counted and dropped); with several the
+  client moves on to the next, so the next call does not start at a server
+  that just failed.
+- A reply for a correlation id not in flight (answered, failed, abandoned) is
+  a late reply: counted in `late_replies` and dropped. This is what keeps a
+  DEALER client from REQ's lock-up after a lost reply.
+- Endpoints may come and go (`add_endpoint` / `remove_endpoint`, fed from an
+  `EndpointSource`). With none known, requests wait (their timers run) and
+  go out as soon as one appears.
+
+`ServerMachine` turns a ROUTER's frames into a `ServerRequest` for the handler
+and builds reply frames. What it drops and what it answers:
+
+- Answered: a request with a valid zmqmesh Data header (a handler error is an
+  ERROR reply carrying the exception type and message), and a raw request
+  from a plain REQ client (exactly one body frame that is not a zmqmesh
+  header), which gets the raw reply body (or `b"ERROR: ..."`).
+- Dropped, counted in `decode_errors` and logged once per peer: no routing
+  envelope (no empty delimiter frame, or nothing after it), a header of
+  another protocol version, a multi-frame body that is not enveloped, or a
+  Reply/Ack header where a request belongs. Such input gets no answer even
+  when the routing envelope is intact: without a header there is no
+  correlation id, which a client needs to match an error to its request,
+  and a peer speaking another version could not read our header anyway.
+- Dropped and counted in `expired`: a request whose envelope TTL has passed
+  (its sender has given up on it).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from collections.abc import Callable, Iterable
+from typing import Final, TypeAlias
+
+from zmqmesh import (
+    PROTOCOL_VERSION,
+    ClosedError,
+    Data,
+    IdSource,
+    LocalProtocolError,
+    MeshError,
+    Message,
+    Metrics,
+    RemoteError,
+    RemoteProtocolError,
+    Reply,
+    RequestTimeout,
+    decode_header,
+    encode_header,
+)
+
+from .ppp import LogOnce, find_delimiter, foreign_version, hexid
+
+__all__ = [
+    "RAW_HEADER",
+    "Action",
+    "ClientMachine",
+    "Close",
+    "Done",
+    "Failed",
+    "Open",
+    "Outcome",
+    "Send",
+    "ServerMachine",
+    "ServerRequest",
+]
+
+log = logging.getLogger("zmqmesh.reqrep")
+
+#: The header a raw request (no zmqmesh envelope) is given: empty sender, seq 0.
+RAW_HEADER: Final = Data(version=PROTOCOL_VERSION, sender=b"", seq=0, created_ns=0)
+_OK: Final = 0
+_ERROR: Final = 1
+_INF: Final = math.inf
+_NO_HEADERS: Final[dict[str, str]] = {}  # shared, never mutated
+_CLIENT_COUNTERS: Final = (
+    "requests",
+    "replies",
+    "retries",
+    "timeouts",
+    "remote_errors",
+    "late_replies",
+    "abandoned",
+    "reconnects",
+    "failovers",
+    "decode_errors",
+    "bytes_out",
+    "bytes_in",
+)
+_SERVER_COUNTERS: Final = (
+    "messages_in",
+    "messages_out",
+    "bytes_in",
+    "raw_requests",
+    "handler_errors",
+    "decode_errors",
+    "expired",
+)
+
+
+# ------------------------------------------------------------------ actions
+
+
+class Open:
+    """Close the current socket, if any (linger 0), and open a fresh DEALER to `endpoint`."""
+
+    __slots__ = ("endpoint",)
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+
+    def __repr__(self) -> str:
+        return f"Open({self.endpoint!r})"
+
+
+class Close:
+    """Close the current socket (no endpoint is left to talk to)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Close()"
+
+
+class Send:
+    """Send `frames` on the current socket."""
+
+    __slots__ = ("frames",)
+
+    def __init__(self, frames: list[bytes]) -> None:
+        self.frames = frames
+
+    def __repr__(self) -> str:
+        return f"Send({self.frames!r})"
+
+
+class Done:
+    """Request `cid` was answered: `message` is the reply (body frames, a Data view header)."""
+
+    __slots__ = ("cid", "message")
+
+    def __init__(self, cid: bytes, message: Message) -> None:
+        self.cid = cid
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"Done({self.cid.hex()}, {self.message!r})"
+
+
+class Failed:
+    """Request `cid` failed: `error` is the `RequestTimeout` or `RemoteError` to raise."""
+
+    __slots__ = ("cid", "error")
+
+    def __init__(self, cid: bytes, error: MeshError) -> None:
+        self.cid = cid
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Failed({self.cid.hex()}, {self.error!r})"
+
+
+Action: TypeAlias = Open | Close | Send
+Outcome: TypeAlias = Done | Failed
+
+
+# ------------------------------------------------------------------- client
+
+
+class _Pending:
+    """One request in flight."""
+
+    __slots__ = (
+        "attempt",
+        "body",
+        "cid",
+        "created_ns",
+        "deadline",
+        "endpoints",
+        "headers",
+        "priority",
+        "retries_left",
+        "seq",
+        "started",
+        "timeout",
+        "waits",
+    )
+
+    def __init__(
+        self,
+        cid: bytes,
+        seq: int,
+        body: list[bytes],
+        timeout: float,
+        retries: int,
+        headers: dict[str, str],
+        priority: int,
+        created_ns: int,
+        now: float,
+    ) -> None:
+        self.cid = cid
+        self.seq = seq
+        self.body = body
+        self.timeout = timeout
+        self.retries_left = retries
+        self.headers = headers
+        self.priority = priority
+        self.created_ns = created_ns
+        self.started = now
+        self.deadline = now + timeout
+        self.attempt = 0  # transmissions so far (the header's `attempt` of the last one)
+        self.waits = 0  # timeouts waited out so far
+        self.endpoints: list[str] = []  # where it was sent, in order, once each
+
+
+def _check_timeout(timeout: float, what: str) -> float:
+    if not isinstance(timeout, int | float) or not timeout > 0:
+        raise LocalProtocolError(
+            f"{what} must be > 0 seconds (math.inf: no limit), got {timeout!r}"
+        )
+    return float(timeout)
+
+
+def _check_retries(retries: int, what: str) -> int:
+    if not isinstance(retries, int) or isinstance(retries, bool) or retries < 0:
+        raise LocalProtocolError(f"{what} must be a whole number >= 0, got {retries!r}")
+    return retries
+
+
+class ClientMachine:
+    """The client side of request-reply: correlation, deadlines, Lazy Pirate retries, failover."""
+
+    def __init__(
+        self,
+        *,
+        endpoints: Iterable[str] = (),
+        timeout: float = 5.0,
+        retries: int = 2,
+        sender: bytes | None = None,
+        wall_ns: Callable[[], int] = lambda: 0,
+        metrics: Metrics | None = None,
+        name: str = "client",
+    ) -> None:
+        self.timeout = _check_timeout(timeout, "timeout")
+        self.retries = _check_retries(retries, "retries")
+        self.endpoints: list[str] = []
+        for ep in endpoints:
+            if ep not in self.endpoints:
+                self.endpoints.append(ep)
+        self.name = name
+        self.metrics = metrics if metrics is not None else Metrics(name)
+        self._c = self.metrics.counters
+        for key in _CLIENT_COUNTERS:
+            self._c.setdefault(key, 0)
+        self._ids = IdSource(sender)
+        self._wall_ns = wall_ns
+        self._log_once = LogOnce(log)
+        self._pending: dict[bytes, _Pending] = {}
+        # (deadline, seq, cid); entries whose request is gone or re-timed are stale
+        # and skipped when they reach the top (cheaper than deleting from a heap).
+        self._heap: list[tuple[float, int, bytes]] = []
+        self._index = 0
+        self.endpoint = ""  # the endpoint the socket is connected to ("" when none)
+        self._started = False
+
+    # ----------------------------------------------------------------- queries
+
+    @property
+    def sender(self) -> bytes:
+        """This client's 8-byte sender id (the first half of every message id)."""
+        return self._ids.sender
+
+    @property
+    def in_flight(self) -> int:
+        """Requests waiting for a reply."""
+        return len(self._pending)
+
+    def next_deadline(self) -> float:
+        """When `tick` next has work (the earliest request deadline; inf when none)."""
+        heap = self._heap
+        pending = self._pending
+        while heap:
+            deadline, _, cid = heap[0]
+            p = pending.get(cid)
+            if p is not None and p.deadline == deadline:
+                return deadline
+            heapq.heappop(heap)
+        return _INF
+
+    # ------------------------------------------------------------------ events
+
+    def start(self, now: float) -> list[Action]:
+        """Open a socket to the first endpoint (if one is known)."""
+        if self._started:
+            return []
+        self._started = True
+        if not self.endpoints:
+            return []
+        return self._reconnect(now, advance=False)
+
+    def request(
+        self,
+        body: list[bytes],
+        now: float,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        headers: dict[str, str] | None = None,
+        priority: int = 0,
+    ) -> tuple[bytes, list[Action]]:
+        """A new request of `body` frames: its correlation id and what to send."""
+        t = self.timeout if timeout is None else _check_timeout(timeout, "timeout")
+        r = self.retries if retries is None else _check_retries(retries, "retries")
+        if type(priority) is not int or not 0 <= priority <= 9:
+            raise LocalProtocolError(f"priority must be an int from 0 to 9, got {priority!r}")
+        ids = self._ids
+        seq = ids.next()
+        cid = ids.sender + seq.to_bytes(8, "big")
+        p = _Pending(cid, seq, body, t, r, headers or _NO_HEADERS, priority, self._wall_ns(), now)
+        self._pending[cid] = p
+        if p.deadline != _INF:
+            heapq.heappush(self._heap, (p.deadline, seq, cid))
+            if len(self._heap) > 64 + 4 * len(self._pending):
+                self._compact()
+        self._c["requests"] += 1
+        if self.endpoint:
+            return cid, [Send(self._frames(p))]
+        return cid, []  # no endpoint yet: sent when one appears
+
+    def receive(self, frames: list[bytes], now: float) -> Outcome | None:
+        """A message from the socket: the outcome of the request it answers, if any."""
+        if len(frames) < 2 or frames[0]:
+            self._garbage("a message without the empty delimiter frame")
+            return None
+        try:
+            header = decode_header(frames[1])
+        except RemoteProtocolError as exc:
+            self._garbage(f"a reply: {exc}")
+            return None
+        if type(header) is not Reply:
+            self._garbage(f"a {type(header).__name__} header where a Reply belongs")
+            return None
+        p = self._pending.pop(header.correlation_id, None)
+        c = self._c
+        if p is None:
+            c["late_replies"] += 1  # its request was answered, failed or abandoned
+            return None
+        body = frames[2:]
+        c["replies"] += 1
+        c["bytes_in"] += sum(map(len, body))
+        self.metrics.observe("request_seconds", now - p.started)
+        if header.status == _OK:
+            view = Data(
+                PROTOCOL_VERSION,
+                header.sender,
+                header.seq,
+                header.created_ns,
+                header.headers,
+                p.priority,
+                p.attempt,
+                p.cid,
+            )
+            return Done(p.cid, Message(view, body))
+        c["remote_errors"] += 1
+        where = f"the server at {self.endpoint}" if self.endpoint else "the server"
+        return Failed(p.cid, RemoteError(f"{where} answered with an error: {header.error}"))
+
+    def tick(self, now: float) -> list[Action | Outcome]:
+        """Timers: retry (reconnect, fail over, resend) or fail requests past their deadline."""
+        heap = self._heap
+        pending = self._pending
+        expired: list[_Pending] = []
+        while heap and heap[0][0] <= now:
+            deadline, _, cid = heapq.heappop(heap)
+            p = pending.get(cid)
+            if p is not None and p.deadline == deadline:
+                expired.append(p)
+        if not expired:
+            return []
+        c = self._c
+        failed: list[Action | Outcome] = []
+        retry = False
+        for p in expired:
+            p.waits += 1
+            if p.retries_left > 0:
+                p.retries_left -= 1
+                c["retries"] += 1
+                retry = True
+            else:
+                del pending[p.cid]
+                c["timeouts"] += 1
+                failed.append(Failed(p.cid, RequestTimeout(_timeout_text(p))))
+        if retry or (failed and len(self.endpoints) > 1):
+            # zguide ch. 4 Lazy Pirate: close, reopen, resend; the next endpoint first.
+            return [*self._reconnect(now, advance=True), *failed]
+        # Failures only, and no other server to move to: keep the socket, so a
+        # reply that comes after all is seen (and counted as late).
+        return failed
+
+    def abandon(self, cid: bytes) -> bool:
+        """Stop waiting for request `cid` (its caller went away); a later reply is late."""
+        if self._pending.pop(cid, None) is None:
+            return False
+        self._c["abandoned"] += 1
+        return True
+
+    def close(self) -> list[Outcome]:
+        """Fail every request in flight with `ClosedError`; the driver then closes the socket."""
+        out: list[Outcome] = [
+            Failed(cid, ClosedError(f"client {self.name} was closed while waiting for a reply"))
+            for cid in self._pending
+        ]
+        self._pending.clear()
+        self._heap.clear()
+        self.endpoint = ""
+        return out
+
+    def add_endpoint(self, endpoint: str, now: float) -> list[Action]:
+        """A server endpoint appeared; used at once if the client had none."""
+        if endpoint in self.endpoints:
+            return []
+        self.endpoints.append(endpoint)
+        if self._started and not self.endpoint:
+            self._index = len(self.endpoints) - 1
+            return self._reconnect(now, advance=False)
+        return []
+
+    def remove_endpoint(self, endpoint: str, now: float) -> list[Action]:
+        """A server endpoint went away; if it was the current one, move to the next."""
+        if endpoint not in self.endpoints:
+            return []
+        i = self.endpoints.index(endpoint)
+        del self.endpoints[i]
+        if i < self._index:
+            self._index -= 1
+        if endpoint != self.endpoint:
+            return []
+        if not self.endpoints:
+            self.endpoint = ""
+            self._index = 0
+            return [Close()]
+        self._index %= len(self.endpoints)
+        return self._reconnect(now, advance=False)
+
+    # --------------------------------------------------------------- internals
+
+    def _frames(self, p: _Pending) -> list[bytes]:
+        p.attempt += 1
+        endpoint = self.endpoint
+        if endpoint not in p.endpoints:
+            p.endpoints.append(endpoint)
+        header = Data(
+            PROTOCOL_VERSION,
+            self._ids.sender,
+            p.seq,
+            p.created_ns,
+            p.headers,
+            p.priority,
+            p.attempt,
+            p.cid,
+        )
+        c = self._c
+        c["bytes_out"] += sum(map(len, p.body))
+        return [b"", encode_header(header), *p.body]
+
+    def _reconnect(self, now: float, *, advance: bool) -> list[Action]:
+        """Open a fresh socket (the next endpoint if `advance`) and resend everything in flight."""
+        if not self.endpoints:
+            # Nothing to connect to: restart the timers and wait for an endpoint.
+            self._retime(now)
+            return []
+        previous = self.endpoint
+        if advance:
+            self._index = (self._index + 1) % len(self.endpoints)
+        self.endpoint = self.endpoints[self._index]
+        c = self._c
+        if previous:
+            c["reconnects"] += 1
+            if previous != self.endpoint:
+                c["failovers"] += 1
+                log.info(
+                    "client %s: failing over from %s to %s", self.name, previous, self.endpoint
+                )
+        actions: list[Action] = [Open(self.endpoint)]
+        for p in self._pending.values():
+            actions.append(Send(self._frames(p)))
+        self._retime(now)
+        return actions
+
+    def _retime(self, now: float) -> None:
+        heap = self._heap
+        for p in self._pending.values():
+            p.deadline = now + p.timeout
+            if p.deadline != _INF:
+                heapq.heappush(heap, (p.deadline, p.seq, p.cid))
+        if len(heap) > 64 + 4 * len(self._pending):
+            self._compact()
+
+    def _compact(self) -> None:
+        pending = self._pending
+        self._heap = [
+            entry
+            for entry in self._heap
+            if (p := pending.get(entry[2])) is not None and p.deadline == entry[0]
+        ]
+        heapq.heapify(self._heap)
+
+    def _garbage(self, what: str) -> None:
+        self._c["decode_errors"] += 1
+        self._log_once(
+            self.endpoint.encode(),
+            f"client {self.name}: dropped {what} from {self.endpoint or 'a server'}",
+        )
+
+
+def _timeout_text(p: _Pending) -> str:
+    where = ", ".join(p.endpoints) if p.endpoints else "any server (no endpoint was known)"
+    attempts = f"{p.waits} attempt{'s' if p.waits != 1 else ''}"
+    return f"no reply from {where} after {attempts} of {p.timeout} s"
+
+
+# ------------------------------------------------------------------- server
+
+
+class ServerRequest:
+    """A request for the handler: the message, and where and how the reply goes."""
+
+    __slots__ = ("cid", "envelope", "message", "raw")
+
+    def __init__(self, envelope: list[bytes], message: Message, cid: bytes, raw: bool) -> None:
+        self.envelope = envelope  # the routing frames, replayed in front of the reply
+        self.message = message
+        self.cid = cid
+        self.raw = raw
+
+
+class ServerMachine:
+    """The server side of request-reply: parse ROUTER frames, build replies."""
+
+    def __init__(
+        self,
+        *,
+        wall_ns: Callable[[], int] = lambda: 0,
+        metrics: Metrics | None = None,
+        name: str = "server",
+        sender: bytes | None = None,
+    ) -> None:
+        self.name = name
+        self.metrics = metrics if metrics is not None else Metrics(name)
+        self._c = self.metrics.counters
+        for key in _SERVER_COUNTERS:
+            self._c.setdefault(key, 0)
+        self._ids = IdSource(sender)
+        self._wall_ns = wall_ns
+        self._log_once = LogOnce(log)
+
+    def receive(self, frames: list[bytes]) -> ServerRequest | None:
+        """Frames from the ROUTER: the request to handle, or None (dropped and counted)."""
+        n = len(frames)
+        # The common case, one routing frame: [identity, b"", header, body...].
+        i = 1 if n >= 3 and not frames[1] else find_delimiter(frames, 1)
+        if i < 1 or i >= n - 1:
+            peer = frames[0] if frames else b""
+            self._garbage(peer, "a message with no routing envelope [identity, b'', header, ...]")
+            return None
+        c = self._c
+        envelope = frames[:i]
+        peer = frames[i - 1]
+        first = frames[i + 1]
+        try:
+            header = decode_header(first)
+        except RemoteProtocolError as exc:
+            if n - i == 2 and not foreign_version(first):
+                # One frame, no envelope: a plain REQ client (served raw).
+                c["messages_in"] += 1
+                c["raw_requests"] += 1
+                c["bytes_in"] += len(first)
+                return ServerRequest(envelope, Message(RAW_HEADER, [first], peer=peer), b"", True)
+            self._garbage(peer, f"a request: {exc}")
+            return None
+        if type(header) is not Data:
+            self._garbage(peer, f"a {type(header).__name__} header where a Data request belongs")
+            return None
+        if header.ttl_ms and header.expired(self._wall_ns()):
+            c["expired"] += 1
+            return None
+        body = frames[i + 2 :]
+        c["messages_in"] += 1
+        c["bytes_in"] += sum(map(len, body))
+        return ServerRequest(
+            envelope,
+            Message(header, body, peer=peer),
+            header.correlation_id or header.message_id,
+            False,
+        )
+
+    def reply(self, request: ServerRequest, body: list[bytes]) -> list[bytes]:
+        """The frames answering `request` with `body` (a raw request gets the raw body)."""
+        self._c["messages_out"] += 1
+        if request.raw:
+            return [*request.envelope, b"", *body]
+        ids = self._ids
+        header = Reply(PROTOCOL_VERSION, ids.sender, ids.next(), self._wall_ns(), request.cid)
+        return [*request.envelope, b"", encode_header(header), *body]
+
+    def error_reply(self, request: ServerRequest, error: str) -> list[bytes]:
+        """The frames of an ERROR reply; `error` says what failed (type: message)."""
+        c = self._c
+        c["messages_out"] += 1
+        c["handler_errors"] += 1
+        if request.raw:
+            # A plain REQ client has no envelope to carry a status: the reason, raw.
+            return [*request.envelope, b"", f"ERROR: {error}".encode()]
+        ids = self._ids
+        header = Reply(
+            PROTOCOL_VERSION,
+            ids.sender,
+            ids.next(),
+            self._wall_ns(),
+            request.cid,
+            _ERROR,
+            error,
+        )
+        return [*request.envelope, b"", encode_header(header)]
+
+    def _garbage(self, peer: bytes, what: str) -> None:
+        self._c["decode_errors"] += 1
+        self._log_once(peer, f"server {self.name}: dropped {what} from peer {hexid(peer)}")

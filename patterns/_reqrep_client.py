@@ -1,0 +1,536 @@
+"""Drivers of the request-reply client: `Client` (blocking) and `AsyncClient` (asyncio).
+
+Thin loops over `patterns._proto.reqrep.ClientMachine`, which keeps the
+requests in flight, their deadlines and retry budgets, and decides when to
+reconnect, fail over and resend. The drivers own the one DEALER socket and
+carry out `Open` / `Close` / `Send`; `Done` and `Failed` end a call. The
+public names are re-exported by `patterns.reqrep`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Sequence
+from typing import Any, Final
+
+import zmq
+import zmq.asyncio
+
+from zmqmesh import (
+    DEFAULT_HWM,
+    DEFAULT_MAX_MESSAGE_SIZE,
+    Clock,
+    ClosedError,
+    CurveOptions,
+    EndpointSource,
+    LocalProtocolError,
+    Message,
+    Metrics,
+    MonotonicClock,
+    TransportError,
+    close_socket,
+    connect,
+    encode_body,
+    make_socket,
+    parse_endpoint,
+)
+
+from ._proto.reqrep import Action, ClientMachine, Close, Done, Failed, Open, Outcome, Send
+
+__all__ = ["AsyncClient", "Client"]
+
+log = logging.getLogger("zmqmesh.reqrep")
+
+_SOURCE_POLL: Final = 0.25  # longest wait between drains of an endpoint source
+_INF: Final = math.inf
+
+
+def _endpoints(value: str | Sequence[str] | None) -> list[str]:
+    if value is None:
+        return []
+    eps = [value] if isinstance(value, str) else list(value)
+    for ep in eps:
+        parse_endpoint(ep)  # a bad endpoint is a ConfigError now, not at the first retry
+    return eps
+
+
+def _body(body: object) -> list[bytes]:
+    return [body if type(body) is bytes else encode_body(body)]  # type: ignore[list-item]
+
+
+class _ClientCore:
+    """The machine, the socket it asks for, and everything but the wait."""
+
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        *,
+        connect: str | Sequence[str] | None,
+        source: EndpointSource | None,
+        timeout: float,
+        retries: int,
+        curve: CurveOptions | None,
+        hwm: int,
+        max_message_size: int | None,
+        clock: Clock | None,
+        name: str,
+    ) -> None:
+        endpoints = _endpoints(connect)
+        if not endpoints and source is None:
+            raise LocalProtocolError(f"client {name} needs connect= (server endpoints) or source=")
+        self.ctx = ctx
+        self.source = source
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
+        self.machine = ClientMachine(
+            endpoints=endpoints, timeout=timeout, retries=retries, wall_ns=time.time_ns, name=name
+        )
+        self.metrics: Metrics = self.machine.metrics
+        self.metrics.counters.setdefault("send_dropped", 0)
+        self._opts: dict[str, Any] = {
+            "sndhwm": hwm,
+            "rcvhwm": hwm,
+            "max_message_size": max_message_size,
+            "curve": curve,
+        }
+        self.sock: zmq.Socket[bytes] | None = None
+        self.plain: zmq.Socket[bytes] | None = None  # a plain view, for NOBLOCK work
+        self.rcvtimeo = -1  # the socket's ZMQ_RCVTIMEO (ms), set only when it changes
+
+    def open(self, endpoint: str) -> None:
+        self.close_socket()
+        # A fresh socket, so a fresh routing identity at the server (zguide ch. 4:
+        # the old one may hold an unanswered request that must not go out later).
+        sock = make_socket(self.ctx, zmq.DEALER, **self._opts)
+        try:
+            connect(sock, endpoint)
+        except BaseException:
+            close_socket(sock)
+            raise
+        self.sock = sock
+        self.plain = sock if type(sock) is zmq.Socket else zmq.Socket.shadow(sock.underlying)
+        self.rcvtimeo = -1
+
+    def send(self, frames: list[bytes]) -> None:
+        plain = self.plain
+        if plain is None:
+            return
+        try:
+            plain.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            # High-water mark reached: the request stays in flight and its
+            # timeout retries it on a fresh socket.
+            self.metrics.counters["send_dropped"] += 1
+
+    def drain_source(self) -> list[Action]:
+        if self.source is None:
+            return []
+        m = self.machine
+        actions: list[Action] = []
+        for event in self.source.drain():
+            now = self.clock.now()
+            if event.kind == "added":
+                actions.extend(m.add_endpoint(event.endpoint, now))
+            elif event.kind == "removed":
+                actions.extend(m.remove_endpoint(event.endpoint, now))
+        return actions
+
+    def close_socket(self) -> None:
+        close_socket(self.sock)
+        self.sock = None
+        self.plain = None
+
+
+class Client:
+    """A request-reply client: a DEALER with correlation ids and Lazy Pirate retries.
+
+    `request(body)` sends one request and returns the reply `Message`
+    (`reply.body`, `reply.decode(Type)`). Each attempt waits `timeout`
+    seconds; then the socket is closed and a fresh one resends the same
+    request (same id, `attempt` + 1) to the next endpoint in `connect`, up to
+    `retries` times, after which `RequestTimeout` names the endpoints, the
+    attempts and the timeout. An ERROR reply raises `RemoteError` with the
+    server's message. Replies to requests given up on are counted in
+    `metrics` (`late_replies`) and dropped.
+
+    A `Client` is used by one thread at a time (ZeroMQ sockets are not thread
+    safe); use one per thread, or `AsyncClient` for many requests in flight.
+    """
+
+    def __init__(
+        self,
+        *,
+        connect: str | Sequence[str] | None = None,
+        source: EndpointSource | None = None,
+        timeout: float = 5.0,
+        retries: int = 2,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        curve: CurveOptions | None = None,
+        hwm: int = DEFAULT_HWM,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        clock: Clock | None = None,
+        name: str = "client",
+    ) -> None:
+        self._core = _ClientCore(
+            ctx or zmq.Context.instance(),
+            connect=connect,
+            source=source,
+            timeout=timeout,
+            retries=retries,
+            curve=curve,
+            hwm=hwm,
+            max_message_size=max_message_size,
+            clock=clock,
+            name=name,
+        )
+        self.metrics = self._core.metrics
+        self._closed = False
+        core = self._core
+        self._apply(core.drain_source())
+        self._apply(core.machine.start(core.clock.now()))
+
+    @property
+    def endpoint(self) -> str:
+        """The server endpoint requests go to now ("" while none is known)."""
+        return self._core.machine.endpoint
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every server endpoint known, in failover order."""
+        return list(self._core.machine.endpoints)
+
+    def request(
+        self,
+        body: object,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        headers: dict[str, str] | None = None,
+        priority: int = 0,
+    ) -> Message:
+        """Send `body` and return the reply; `timeout` / `retries` override the client's."""
+        if self._closed:
+            raise ClosedError(f"client {self._core.machine.name} is closed; make a new Client")
+        core = self._core
+        m = core.machine
+        if core.source is not None:
+            self._apply(core.drain_source())
+        cid, actions = m.request(
+            _body(body),
+            core.clock.now(),
+            timeout=timeout,
+            retries=retries,
+            headers=headers,
+            priority=priority,
+        )
+        try:
+            if len(actions) == 1 and type(actions[0]) is Send:
+                core.send(actions[0].frames)  # the hot path
+            else:
+                self._apply(actions)
+            return self._wait(cid)
+        except BaseException:
+            m.abandon(cid)  # interrupted (KeyboardInterrupt) or failed to send
+            raise
+
+    def _wait(self, cid: bytes) -> Message:
+        core = self._core
+        m = core.machine
+        clock = core.clock
+        while True:
+            wait = m.next_deadline() - clock.now()
+            if wait > 0:
+                if core.source is not None and wait > _SOURCE_POLL:
+                    wait = _SOURCE_POLL
+                sock = core.sock
+                if sock is None:
+                    # No endpoint known: nothing to read until a source finds one.
+                    time.sleep(min(wait, _SOURCE_POLL))
+                else:
+                    # A blocking receive with a timeout: a poll and a non-blocking
+                    # receive cost two more system calls per round trip.
+                    ms = -1 if wait == _INF else math.ceil(wait * 1000.0)
+                    if ms != core.rcvtimeo:
+                        sock.rcvtimeo = core.rcvtimeo = ms
+                    try:
+                        frames = sock.recv_multipart()
+                    except zmq.Again:
+                        pass  # the timeout: see what the machine makes of it
+                    else:
+                        out = m.receive(frames, clock.now())
+                        if out is not None and out.cid == cid:
+                            if isinstance(out, Done):
+                                return out.message
+                            raise out.error
+                        continue
+            if core.source is not None:
+                self._apply(core.drain_source())
+            for item in m.tick(clock.now()):
+                if isinstance(item, Done):
+                    if item.cid == cid:
+                        return item.message
+                elif isinstance(item, Failed):
+                    if item.cid == cid:
+                        raise item.error
+                else:
+                    self._apply([item])
+
+    def _apply(self, actions: Sequence[Action]) -> None:
+        core = self._core
+        for action in actions:
+            if type(action) is Send:
+                core.send(action.frames)
+            elif type(action) is Open:
+                core.open(action.endpoint)
+            elif type(action) is Close:
+                core.close_socket()
+
+    def close(self) -> None:
+        """Close the socket (linger 0); requests can no longer be made."""
+        self._closed = True
+        self._core.machine.close()
+        self._core.close_socket()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncClient:
+    """The asyncio twin of `Client`: `await request(...)`, many requests in flight at once.
+
+    One reader task per socket resolves one future per correlation id, so
+    `asyncio.gather(*(client.request(b) for b in bodies))` works. A timeout
+    recreates the socket (Lazy Pirate) and resends every request in flight on
+    the new one; a cancelled `request` is abandoned (its reply counts as late).
+    """
+
+    def __init__(
+        self,
+        *,
+        connect: str | Sequence[str] | None = None,
+        source: EndpointSource | None = None,
+        timeout: float = 5.0,
+        retries: int = 2,
+        ctx: zmq.asyncio.Context | None = None,
+        curve: CurveOptions | None = None,
+        hwm: int = DEFAULT_HWM,
+        max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
+        clock: Clock | None = None,
+        name: str = "client",
+    ) -> None:
+        self._core = _ClientCore(
+            ctx or zmq.asyncio.Context.instance(),  # type: ignore[arg-type]
+            connect=connect,
+            source=source,
+            timeout=timeout,
+            retries=retries,
+            curve=curve,
+            hwm=hwm,
+            max_message_size=max_message_size,
+            clock=clock,
+            name=name,
+        )
+        self.metrics = self._core.metrics
+        self._futures: dict[bytes, asyncio.Future[Message]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed = _INF
+        self._closed = False
+        self._started = False
+
+    @property
+    def endpoint(self) -> str:
+        """The server endpoint requests go to now ("" while none is known)."""
+        return self._core.machine.endpoint
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every server endpoint known, in failover order."""
+        return list(self._core.machine.endpoints)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests waiting for a reply."""
+        return self._core.machine.in_flight
+
+    async def request(
+        self,
+        body: object,
+        *,
+        timeout: float | None = None,
+        retries: int | None = None,
+        headers: dict[str, str] | None = None,
+        priority: int = 0,
+    ) -> Message:
+        """Send `body` and return the reply; `timeout` / `retries` override the client's."""
+        if self._closed:
+            raise ClosedError(f"client {self._core.machine.name} is closed; make a new client")
+        core = self._core
+        m = core.machine
+        if not self._started:
+            self._started = True
+            self._apply(core.machine.start(core.clock.now()))
+        if core.source is not None:
+            self._apply(core.drain_source())
+        cid, actions = m.request(
+            _body(body),
+            core.clock.now(),
+            timeout=timeout,
+            retries=retries,
+            headers=headers,
+            priority=priority,
+        )
+        future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
+        self._futures[cid] = future
+        try:
+            self._apply(actions)
+            if self._reader is None and core.sock is not None:
+                self._start_reader()
+            self._arm()
+            return await future
+        except BaseException:
+            if self._futures.pop(cid, None) is not None:
+                m.abandon(cid)
+            raise
+
+    # ------------------------------------------------------------ internals
+
+    def _start_reader(self) -> None:
+        sock = self._core.sock
+        assert sock is not None
+        self._reader = asyncio.get_running_loop().create_task(
+            self._read(sock), name="zmqmesh-client-reader"
+        )
+
+    async def _read(self, sock: zmq.Socket[bytes]) -> None:
+        m = self._core.machine
+        clock = self._core.clock
+        asock: zmq.asyncio.Socket = sock  # type: ignore[assignment]
+        try:
+            while True:
+                frames: list[bytes] = await asock.recv_multipart()
+                out = m.receive(frames, clock.now())
+                if out is not None:
+                    self._resolve(out)
+                    if not self._futures:
+                        self._disarm()
+        except zmq.ZMQError as exc:
+            if sock.closed:
+                return
+            self._fail_all(TransportError(f"client {m.name}: receiving failed: {exc.strerror}"))
+
+    def _resolve(self, out: Outcome) -> None:
+        future = self._futures.pop(out.cid, None)
+        if future is None or future.done():
+            return
+        if isinstance(out, Done):
+            future.set_result(out.message)
+        else:
+            future.set_exception(out.error)
+
+    def _apply(self, actions: Sequence[Action]) -> None:
+        core = self._core
+        for action in actions:
+            if type(action) is Send:
+                self._send(action.frames)
+            elif type(action) is Open:
+                self._stop_reader()
+                core.open(action.endpoint)
+                if self._started:
+                    with contextlib.suppress(RuntimeError):  # no running loop yet
+                        self._start_reader()
+            elif type(action) is Close:
+                self._stop_reader()
+                core.close_socket()
+
+    def _send(self, frames: list[bytes]) -> None:
+        core = self._core
+        core.send(frames)
+        sock = core.sock
+        if sock is not None:
+            # The send went through the plain view while the reader may be waiting
+            # on the asyncio socket; ZMQ_FD is edge-triggered, and reading EVENTS
+            # through the asyncio socket makes it re-check for waiting replies.
+            sock.get(zmq.EVENTS)
+
+    def _stop_reader(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+
+    def _arm(self) -> None:
+        """Make sure a timer fires by the machine's next deadline."""
+        core = self._core
+        deadline = core.machine.next_deadline()
+        if core.source is not None and self._futures:
+            deadline = min(deadline, core.clock.now() + _SOURCE_POLL)
+        if deadline >= self._armed or deadline == _INF:
+            return  # an earlier timer is set; it re-arms for later deadlines when it fires
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed = deadline
+        delay = max(0.0, deadline - core.clock.now())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._armed = _INF
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._armed = _INF
+        if self._closed:
+            return
+        core = self._core
+        try:
+            self._apply(core.drain_source())
+            for item in core.machine.tick(core.clock.now()):
+                if isinstance(item, Done | Failed):
+                    self._resolve(item)
+                else:
+                    self._apply([item])
+        except Exception as exc:  # an Open that failed: fail the callers, not the loop
+            log.exception("client %s: reconnecting failed", core.machine.name)
+            self._fail_all(TransportError(f"client {core.machine.name}: {exc}"))
+            return
+        if self._reader is None and core.sock is not None:
+            self._start_reader()
+        if self._futures:
+            self._arm()
+
+    def _fail_all(self, error: Exception) -> None:
+        m = self._core.machine
+        for cid, future in list(self._futures.items()):
+            m.abandon(cid)
+            if not future.done():
+                future.set_exception(error)
+        self._futures.clear()
+
+    async def aclose(self) -> None:
+        """Close the socket (linger 0); requests in flight raise `ClosedError`."""
+        if self._closed:
+            return
+        self._closed = True
+        self._disarm()
+        for out in self._core.machine.close():
+            self._resolve(out)
+        reader = self._reader
+        self._stop_reader()
+        self._core.close_socket()
+        if reader is not None:
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
