@@ -202,6 +202,49 @@ def netns_lab(names: Sequence[str] = ("a", "b", "c")) -> Iterator[NetnsLab]:
         lab.close()
 
 
+def _loopback_multicast_works() -> bool:
+    """Send one multicast datagram out of 127.0.0.1 and see whether it comes back."""
+    import socket
+
+    group = "239.255.77.77"
+    recv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        recv.bind(("", 0))
+        port = recv.getsockname()[1]
+        membership = socket.inet_aton(group) + socket.inet_aton("127.0.0.1")
+        recv.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+        recv.settimeout(1.0)
+        send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+        send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        token = os.urandom(8)
+        send.sendto(token, (group, port))
+        while True:
+            data, _ = recv.recvfrom(64)
+            if data == token:
+                return True
+    except OSError:
+        return False
+    finally:
+        recv.close()
+        send.close()
+
+
+def ensure_loopback_multicast() -> None:
+    """Make sure mDNS can run on 127.0.0.1, or skip the test saying why.
+
+    Linux loops multicast back to local members even when `lo` lacks the
+    MULTICAST flag; where it does not, root turns the flag on.
+    """
+    if _loopback_multicast_works():
+        return
+    if os.geteuid() == 0 and shutil.which("ip"):
+        _ip("link", "set", "lo", "multicast", "on", check=False)
+        if _loopback_multicast_works():
+            return
+    pytest.skip("multicast on 127.0.0.1 does not work here (needs `ip link set lo multicast on`)")
+
+
 def _bench(argv: Sequence[str]) -> int:
     """`zmqmesh peers --bench` in host a against an announcer in host b (extra args pass on)."""
     with NetnsLab(("a", "b")) as lab:

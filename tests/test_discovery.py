@@ -29,6 +29,7 @@ from discovery import (
     Discovery,
     ServiceSource,
 )
+from tests._netns import ensure_loopback_multicast
 from zmqmesh import (
     ClosedError,
     ConfigError,
@@ -46,6 +47,11 @@ IFACE = ["127.0.0.1"]
 KEY = zmq.curve_keypair()[0]
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _loopback_multicast() -> None:
+    ensure_loopback_multicast()
 
 
 @pytest.fixture

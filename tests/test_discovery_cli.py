@@ -13,11 +13,17 @@ from collections.abc import Iterator
 import pytest
 
 from discovery import Discovery
+from tests._netns import ensure_loopback_multicast
 from zmqmesh.cli import main
 
 IFACE = ["--interface", "127.0.0.1"]
 
 pytestmark = pytest.mark.timeout(30)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _loopback_multicast() -> None:
+    ensure_loopback_multicast()
 
 
 @pytest.fixture
