@@ -18,6 +18,7 @@ from ._discovery import (
     Discovery,
     ServiceSource,
 )
+from ._engine import IpVersion
 from ._records import (
     DEFAULT_SOCKET_TYPES,
     ROLES,
@@ -32,6 +33,7 @@ __all__ = [
     # discovery
     "AsyncDiscovery",
     "Discovery",
+    "IpVersion",
     # announcing
     "Announcement",
     "AsyncAnnouncement",

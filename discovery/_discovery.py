@@ -35,7 +35,7 @@ from ._records import (
     _encode_txt,
 )
 
-__all__ = ["AsyncDiscovery", "AsyncServiceSource", "Discovery", "ServiceSource"]
+__all__ = ["DEFAULT_TTL", "AsyncDiscovery", "AsyncServiceSource", "Discovery", "ServiceSource"]
 
 #: Default TTL of our records, seconds (RFC 6762 §10: 120 s for records naming a host).
 DEFAULT_TTL = 120

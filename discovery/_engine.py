@@ -36,6 +36,8 @@ from zmqmesh import ClosedError, ConfigError, DiscoveryError, LocalProtocolError
 if TYPE_CHECKING:
     from ._announce import AsyncAnnouncement
 
+__all__ = ["IpVersion"]
+
 log = logging.getLogger("zmqmesh.discovery")
 
 T = TypeVar("T")

@@ -31,6 +31,8 @@ from zeroconf import DNSIncoming, Zeroconf  # type: ignore[attr-defined]
 
 from ._engine import _Engine
 
+__all__: list[str] = []
+
 log = logging.getLogger("zmqmesh.discovery")
 
 _MDNS_PORT: Final = 5353
