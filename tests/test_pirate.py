@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import json
 import logging
 import os
 import signal
@@ -591,3 +592,17 @@ def test_cli_worker_needs_echo_or_command() -> None:
         env={**os.environ, "PYTHONWARNINGS": "ignore"},
     )
     assert done.returncode == 2 and "--echo" in done.stderr
+
+
+@pytest.mark.timeout(90)
+def test_bench_pirate_json_has_the_shared_keys() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "zmqmesh", "bench", "pirate", "--count", "300", "--workers", "1",
+         "--clients", "1", "--window", "4", "--json"],
+        capture_output=True, text=True, timeout=80,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    row = json.loads(done.stdout)
+    for key in ("pattern", "count", "size", "zmqmesh_msgs_per_s", "raw_msgs_per_s", "ratio"):
+        assert key in row
+    assert row["pattern"] == "pirate" and row["count"] == 300 and row["zmqmesh_msgs_per_s"] > 0

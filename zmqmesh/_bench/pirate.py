@@ -5,8 +5,12 @@ spawned process: one queue, N echo workers, C clients that each keep a
 window of requests in flight (so the relay is measured, not one round trip).
 
 - zmqmesh: `patterns.pirate.Queue` and `patterns.pirate.Worker` (heartbeats,
-  LRU, priority lanes, request tracking), clients sending zmqmesh envelopes
-  (a Data header per request; the reply's correlation id is checked).
+  LRU, priority lanes, request tracking). With `--client wire` (the default)
+  the clients are lean DEALERs sending zmqmesh envelopes (a Data header per
+  request; the reply's Reply header and body are checked), the same load
+  generator as the raw side's, so the two relays are compared on equal
+  terms. `--client reqrep` uses `patterns.reqrep.AsyncClient` instead (end
+  to end, client costs included).
 - raw: the fastest plain pyzmq way to do the same relay: a minimal LRU
   ROUTER-ROUTER queue (zguide's load-balancing broker, draining sockets in
   batches), DEALER workers that echo, DEALER clients with the same window,
@@ -41,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="workers (default 2)")
     parser.add_argument("--clients", type=int, default=4, help="client processes (default 4)")
     parser.add_argument(
+        "--client",
+        choices=("wire", "reqrep"),
+        default="wire",
+        help="zmqmesh side's clients: lean enveloped DEALERs like the raw side's (wire, "
+        "default) or patterns.reqrep.AsyncClient (reqrep)",
+    )
+    parser.add_argument(
         "--window",
         type=int,
         default=_WINDOW,
@@ -55,8 +66,11 @@ def run(args: argparse.Namespace, progress: Progress) -> list[dict[str, Any]]:
 
             raise ConfigError(f"--{name} must be >= 1, got {getattr(args, name)}")
     shape = (args.count, args.size, args.workers, args.clients, args.window)
-    progress(f"zmqmesh queue + {args.workers} workers, {args.clients} clients x {args.window}")
-    ours = _measure("zmqmesh", *shape)
+    progress(
+        f"zmqmesh queue + {args.workers} workers, {args.clients} {args.client} clients "
+        f"x {args.window} in flight"
+    )
+    ours = _measure(args.client, *shape)
     progress(f"zmqmesh: {ours:,.0f} req/s; raw pyzmq relay")
     raw = _measure("raw", *shape)
     progress(f"raw: {raw:,.0f} req/s")
@@ -68,6 +82,7 @@ def run(args: argparse.Namespace, progress: Progress) -> list[dict[str, Any]]:
             "workers": args.workers,
             "clients": args.clients,
             "window": args.window,
+            "client": args.client,
             "zmqmesh_msgs_per_s": round(ours, 1),
             "raw_msgs_per_s": round(raw, 1),
             "ratio": ratio(ours, raw),
@@ -76,16 +91,20 @@ def run(args: argparse.Namespace, progress: Progress) -> list[dict[str, Any]]:
 
 
 def _measure(side: str, count: int, size: int, workers: int, clients: int, window: int) -> float:
-    """Start queue, workers and clients in spawned processes; return requests per second."""
+    """Start queue, workers and clients in spawned processes; return requests per second.
+
+    `side` is "raw", or the zmqmesh side's client kind ("wire" or "reqrep").
+    """
     mp = multiprocessing.get_context("spawn")
     joined = mp.Event()
     stop = mp.Event()
     barrier = mp.Barrier(clients)
     parent, child = mp.Pipe()
     results = mp.Queue()
-    queue_main = _zmqmesh_queue if side == "zmqmesh" else _raw_queue
-    worker_main = _zmqmesh_worker if side == "zmqmesh" else _raw_worker
-    client_main = _zmqmesh_client if side == "zmqmesh" else _raw_client
+    ours = side != "raw"
+    queue_main = _zmqmesh_queue if ours else _raw_queue
+    worker_main = _zmqmesh_worker if ours else _raw_worker
+    client_main = {"wire": _wire_client, "reqrep": _reqrep_client, "raw": _raw_client}[side]
     procs = [mp.Process(target=queue_main, args=(child, workers, joined, stop), daemon=True)]
     procs[0].start()
     try:
@@ -150,7 +169,46 @@ def _zmqmesh_worker(backend: str) -> None:
     Worker(connect=backend, handler=echo, name="bench").run()
 
 
-def _zmqmesh_client(
+def _reqrep_client(
+    frontend: str, n: int, size: int, window: int, barrier: Barrier, results: Any
+) -> None:
+    import asyncio
+
+    import zmq.asyncio
+
+    from patterns.reqrep import AsyncClient
+
+    body = b"x" * size
+
+    async def main() -> tuple[float, float]:
+        ctx = zmq.asyncio.Context()
+        try:
+            async with AsyncClient(connect=frontend, ctx=ctx, timeout=60.0, retries=0) as client:
+                # One round trip first, so that connecting is not timed.
+                await client.request(body)
+                await asyncio.get_running_loop().run_in_executor(None, barrier.wait, 60)
+                start = time.monotonic()
+                todo = iter(range(n))
+
+                async def lane() -> None:
+                    # `window` lanes, each sending its next request when its reply came.
+                    for _ in todo:
+                        reply = await client.request(body)
+                        if reply.body != body:
+                            raise RuntimeError(f"unexpected reply {reply.body[:40]!r}")
+
+                await asyncio.gather(*(lane() for _ in range(min(window, n))))
+                return start, time.monotonic()
+        finally:
+            ctx.term()
+
+    try:
+        results.put(asyncio.run(main()))
+    except Exception as exc:
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def _wire_client(
     frontend: str, n: int, size: int, window: int, barrier: Barrier, results: Any
 ) -> None:
     import os
