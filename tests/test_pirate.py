@@ -122,6 +122,21 @@ def test_handler_that_raises_gives_an_error_reply_and_worker_keeps_serving(ctx) 
 
 
 @pytest.mark.timeout(20)
+def test_blocking_worker_runs_a_coroutine_handler(ctx) -> None:
+    async def handle(message: Message) -> bytes:
+        await asyncio.sleep(0)
+        return b"async:" + message.body
+
+    with (
+        Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,  # type: ignore[arg-type]
+        Worker(connect=queue.backend_endpoints[0], handler=handle, ctx=ctx, **FAST).start(),
+        client_for(queue, ctx) as client,
+    ):
+        assert [client.request(b"%d" % i).body for i in range(3)] == [b"async:0", b"async:1",
+                                                                       b"async:2"]  # fmt: skip
+
+
+@pytest.mark.timeout(20)
 async def test_async_queue_async_worker_and_many_requests_in_flight() -> None:
     actx = zmq.asyncio.Context()
     try:
