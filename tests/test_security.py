@@ -534,6 +534,58 @@ def test_user_started_authenticator_is_shared_and_left_running(
     wait_until(lambda: not zap_threads(), timeout=5, what="ZAP thread stopped")
 
 
+def test_shadow_context_shares_the_authenticator(ctx: zmq.Context[zmq.Socket[bytes]], keys: Keys):
+    shadow: zmq.Context[zmq.Socket[bytes]] = zmq.Context.shadow(ctx.underlying)
+    curve = server_curve(keys.secret("server"), allow=keys.allow)
+    a, guard_a, _ = server_socket(ctx, zmq.ROUTER, curve)
+    b, guard_b, ep_b = server_socket(shadow, zmq.ROUTER, curve)
+    assert guard_a is not None and guard_b is not None
+    assert guard_a.authenticator is guard_b.authenticator and len(zap_threads()) == 1
+    alice = client_socket(
+        ctx, zmq.DEALER, client_curve(keys.secret("alice"), keys.public("server")), ep_b
+    )
+    try:
+        alice.send(b"via shadow")
+        assert recv(b)[1] == b"via shadow"
+    finally:
+        for sock in (alice, a, b):
+            close_socket(sock)
+        guard_a.close()
+        guard_b.close()
+    wait_until(lambda: not zap_threads(), timeout=5, what="ZAP thread stopped")
+
+
+def test_guards_from_many_threads_share_and_stop_cleanly(
+    ctx: zmq.Context[zmq.Socket[bytes]], keys: Keys
+):
+    curve = server_curve(keys.secret("server"), allow=keys.allow)
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            for _ in range(5):
+                sock = make_socket(ctx, zmq.ROUTER, curve=curve)
+                try:
+                    guard = guard_server(sock, curve)
+                    assert guard is not None
+                    try:
+                        bind(sock, ANY)
+                    finally:
+                        guard.close()
+                finally:
+                    close_socket(sock)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=churn, name=f"churn-{i}") for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(20)
+    assert not errors, errors
+    wait_until(lambda: not zap_threads(), timeout=5, what="ZAP thread stopped")
+
+
 def test_guard_misuse_is_reported(ctx: zmq.Context[zmq.Socket[bytes]], keys: Keys):
     curve = server_curve(keys.secret("server"), allow=keys.allow)
     client = client_curve(keys.secret("alice"), keys.public("server"))
@@ -691,8 +743,10 @@ def test_cli_curve_flags_build_options(keys: Keys):
 
     server_pub = load_public_key(keys.public("server"))
     assert client_curve_from_args(cli.parse_args([])) is None
-    eph = client_curve_from_args(cli.parse_args(["--server-key", server_pub.decode()]))
-    assert eph is not None and eph.server_key == server_pub and not eph.server
+    # "=": a Z85 key may start with "-", which argparse would take for an option.
+    dash_key = "-" + "0" * 39
+    eph = client_curve_from_args(cli.parse_args([f"--server-key={dash_key}"]))
+    assert eph is not None and eph.server_key == dash_key.encode() and not eph.server
     argv = ["--secret-key", str(keys.secret("alice")), "--server-key", str(keys.public("server"))]
     mine = client_curve_from_args(cli.parse_args(argv))
     assert mine is not None and mine.public_key == load_public_key(keys.public("alice"))

@@ -58,6 +58,12 @@ _EVENTS: Final = (
 )  # never MONITOR_STOPPED: see the module docstring
 _LOG_PERIOD: Final = 60.0  # a refused client retries every reconnect interval
 _domain_ids = itertools.count(1)
+_pipe_ids = itertools.count(1)
+# libzmq frees a closed socket's inproc endpoint later, in its reaper thread,
+# so the ZAP socket is unbound (synchronous) before it is closed; a bounded
+# retry covers a handler stopped without that.
+_REBIND_WINDOW: Final = 2.0
+_ZAP_ENDPOINT: Final = "inproc://zeromq.zap.01"
 
 
 def _classify(event: int, value: int) -> tuple[str, str]:
@@ -215,7 +221,7 @@ class _ZapBase:
             raise LocalProtocolError(f"{self!r}: start() it before guarding sockets")
         if not curve.server:
             raise LocalProtocolError("guard a CURVE server socket; a CURVE client needs no ZAP")
-        if sock.context is not self.ctx:
+        if sock.context.underlying != self.ctx.underlying:
             raise LocalProtocolError(
                 "the socket belongs to another zmq.Context; ZAP handlers are per context"
             )
@@ -276,15 +282,28 @@ class _ZapBase:
         # The "*" domain answers CURVE servers in this context that zmqmesh does
         # not guard (no ZAP domain set): admit any key, as without a handler.
         zap.configure_curve_callback("*", self)
-        try:
-            zap.start()
-        except zmq.ZMQError as exc:
-            zap.stop()
-            raise LocalProtocolError(
-                "another ZAP handler is already bound in this zmq.Context "
-                f"(inproc://zeromq.zap.01: {exc.strerror}); run one authenticator per "
-                "context and guard sockets with guard_server() or Authenticator.guard()"
-            ) from exc
+        deadline = time.monotonic() + _REBIND_WINDOW
+        while True:
+            try:
+                zap.start()
+                break
+            except zmq.ZMQError as exc:
+                zap.stop()
+                if exc.errno != zmq.EADDRINUSE:
+                    raise TransportError(f"starting the ZAP handler: {exc.strerror}") from exc
+                if time.monotonic() > deadline:
+                    raise LocalProtocolError(
+                        "another ZAP handler is bound in this zmq.Context "
+                        f"(inproc://zeromq.zap.01: {exc.strerror}); run one authenticator "
+                        "per context and guard sockets with guard_server() or "
+                        "Authenticator.guard()"
+                    ) from exc
+                # Not a synchronising sleep: a bounded retry while libzmq's
+                # reaper releases the previous handler's endpoint.
+                time.sleep(0.002)
+            except BaseException:
+                zap.stop()
+                raise
         self._zap = zap
 
     # Called by pyzmq's Authenticator as a CURVE credentials provider (RFC 27).
@@ -340,6 +359,22 @@ class _ZapBase:
         guard.metrics.inc(f"curve_refused_{suffix}")
         self.metrics.inc("curve_refused")
         return False
+
+
+class _UnbindFirst(_ZmqAuthenticator):
+    """Unbind the ZAP endpoint before closing the socket (see _REBIND_WINDOW).
+
+    Otherwise a client handshaking just after a stop reaches the closing
+    handler, gets no answer and stalls for the handshake interval (30 s).
+    Sits between pyzmq's Thread/AsyncioAuthenticator and Authenticator in
+    the MRO, so their stop() reaches it after their thread or task is done.
+    """
+
+    def stop(self) -> None:
+        if self.zap_socket is not None and not self.zap_socket.closed:
+            with contextlib.suppress(zmq.ZMQError):  # never bound: start failed
+                self.zap_socket.unbind(_ZAP_ENDPOINT)
+        super().stop()
 
 
 # ---------------------------------------------------------------- blocking
@@ -422,25 +457,33 @@ class _ZapThread(AuthenticationThread):
         del self._monitors[mon]
 
 
-class _ThreadZap(ThreadAuthenticator):
+class _ThreadZap(ThreadAuthenticator, _UnbindFirst):
     """ThreadAuthenticator with our thread, and a lock on the command pipe."""
 
     def __init__(self, owner: Authenticator) -> None:
         super().__init__(context=owner.ctx, log=logging.getLogger("zmqmesh.security.zap"))
         self.owner = owner
         self.pipe_lock = threading.Lock()
+        # pyzmq names it after id(self), which a quick restart may reuse while
+        # the old endpoint is not yet released.
+        self.pipe_endpoint = f"inproc://zmqmesh.zap-pipe.{next(_pipe_ids)}"
 
     def start(self) -> None:
         # ThreadAuthenticator.start with our thread class; the ZAP socket first.
+        # On failure the caller's stop() closes what was opened.
         _ZmqAuthenticator.start(self)
         self.pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
         self.pipe.linger = 1
         self.pipe.bind(self.pipe_endpoint)
         thread_pipe = self.context.socket(zmq.PAIR, socket_class=zmq.Socket)
-        thread_pipe.linger = 1
-        thread_pipe.connect(self.pipe_endpoint)
-        self.thread = _ZapThread(self, thread_pipe)
-        self.thread.start()
+        try:
+            thread_pipe.linger = 1
+            thread_pipe.connect(self.pipe_endpoint)
+            self.thread = _ZapThread(self, thread_pipe)
+            self.thread.start()
+        except BaseException:
+            thread_pipe.close(linger=0)
+            raise
         if not self.thread.started.wait(timeout=10):
             raise TransportError("the ZAP authenticator thread did not start within 10 s")
 
@@ -518,7 +561,7 @@ class Authenticator(_ZapBase):
 # ---------------------------------------------------------------- asyncio
 
 
-class _AsyncZap(AsyncioAuthenticator):
+class _AsyncZap(AsyncioAuthenticator, _UnbindFirst):
     def __init__(self, owner: AsyncAuthenticator) -> None:
         super().__init__(context=owner.ctx, log=logging.getLogger("zmqmesh.security.zap"))
         self.owner = owner
@@ -576,8 +619,15 @@ class AsyncAuthenticator(_ZapBase):
         await asyncio.sleep(0)  # one loop pass: pyzmq's cancelled ZAP task cleans up
 
     def _watch(self, address: str, guard: ZapGuard) -> None:
-        if asyncio.get_running_loop() is not self._loop:
-            raise LocalProtocolError("guard sockets from the loop the authenticator runs on")
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is None or loop is not self._loop:
+            raise LocalProtocolError(
+                "guard sockets of an asyncio context from the event loop its "
+                "AsyncAuthenticator runs on"
+            )
         mon = zmq.asyncio.Socket(self.ctx, zmq.PAIR)
         try:
             mon.linger = 0
@@ -585,7 +635,7 @@ class AsyncAuthenticator(_ZapBase):
         except BaseException:
             mon.close(linger=0)
             raise
-        task = asyncio.get_running_loop().create_task(
+        task = loop.create_task(
             self._monitor(mon, guard), name=f"zmqmesh-zap-monitor-{guard.domain}"
         )
         self._tasks[guard.domain] = (task, mon)
@@ -624,38 +674,44 @@ class _Shared:
     auto: bool = False  # started by guard_server: stopped with its last guard
 
 
-# One authenticator per context (there is one ZAP endpoint per context). The
-# entry holds the context, so its id() is not reused while registered.
+# One authenticator per libzmq context (there is one ZAP endpoint per context;
+# keyed by the libzmq pointer, so a Context.shadow() shares it). The entry
+# holds the context, so the pointer is not reused while registered.
 _registry: dict[int, _Shared] = {}
 _registry_lock = threading.RLock()
 
 
+def _key(ctx: zmq.Context[Any]) -> int:
+    return int(ctx.underlying)
+
+
 def _claim(auth: _ZapBase) -> None:
-    entry = _registry.get(id(auth.ctx))
+    entry = _registry.get(_key(auth.ctx))
     if entry is not None and entry.auth is not auth:
         raise LocalProtocolError(
             f"{entry.auth!r} already serves ZAP for this zmq.Context; one per context "
             "(guard_server shares it)"
         )
     if entry is None:
-        _registry[id(auth.ctx)] = _Shared(auth)
+        _registry[_key(auth.ctx)] = _Shared(auth)
 
 
 def _unclaim(auth: _ZapBase) -> None:
-    entry = _registry.get(id(auth.ctx))
+    entry = _registry.get(_key(auth.ctx))
     if entry is not None and entry.auth is auth:
-        del _registry[id(auth.ctx)]
+        del _registry[_key(auth.ctx)]
 
 
 def _release(auth: _ZapBase) -> None:
     with _registry_lock:
-        entry = _registry.get(id(auth.ctx))
+        entry = _registry.get(_key(auth.ctx))
         if entry is None or entry.auth is not auth:
             return
         entry.guards -= 1
-        if entry.guards > 0 or not entry.auto:
-            return
-    auth.stop()
+        if entry.guards <= 0 and entry.auto:
+            # Under the lock: a guard_server racing with us must not find (and
+            # count on) an authenticator that is stopping.
+            auth.stop()
 
 
 def _in_loop() -> bool:
@@ -686,14 +742,14 @@ def guard_server(
         return None
     ctx = sock.context
     with _registry_lock:
-        entry = _registry.get(id(ctx))
+        entry = _registry.get(_key(ctx))
         if entry is None:
             auth: _ZapBase
             if isinstance(ctx, zmq.asyncio.Context) and _in_loop():
                 auth = AsyncAuthenticator(ctx).start()
             else:
                 auth = Authenticator(ctx).start()
-            entry = _registry[id(ctx)]
+            entry = _registry[_key(ctx)]
             entry.auto = True
         entry.guards += 1
         auth = entry.auth

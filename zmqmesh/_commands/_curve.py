@@ -47,7 +47,8 @@ def add_curve_arguments(
             "--server-key",
             metavar="KEY|FILE",
             help="the server's public key (Z85 text or its NAME.key file); turns CURVE on "
-            "for connections (an ephemeral key pair is used without --secret-key)",
+            "for connections (an ephemeral key pair is used without --secret-key). Write "
+            "--server-key=KEY: a Z85 key may start with '-'",
         )
         group.add_argument(
             "--trust",
