@@ -81,7 +81,7 @@ def _classify(event: int, value: int) -> tuple[str, str]:
             )
         return "protocol", f"ZMTP protocol error {value:#x} during the handshake"
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
-        return "unknown_key", f"the ZAP handler refused it (status {value})"
+        return "zap_error", f"the ZAP handler could not decide (status {value})"
     return "no_zap", (
         "no ZAP handler answered, so the socket fails closed; start the "
         "authenticator (guard_server) before bind"
@@ -114,8 +114,9 @@ class ZapGuard:
     """One guarded CURVE server socket: its ZAP domain, allow-list and counters.
 
     Counters (in `metrics`, which may be the pattern's own): ``curve_accepted``,
-    ``curve_refused`` and ``curve_refused_<why>`` with why one of plaintext,
-    crypto (wrong server key), unknown_key, no_zap, protocol.
+    ``curve_refused`` and ``curve_refused_<why>`` with why one of unknown_key
+    (not in the allow-list), plaintext, crypto (wrong server key), no_zap
+    (no handler answered: fail closed), zap_error, protocol.
     """
 
     def __init__(
@@ -324,6 +325,12 @@ class _ZapBase:
             )
             name = guard.name
         self.metrics.inc("zap_refused")
+        self.metrics.inc("curve_refused")
+        if guard is not None:
+            # Counted here, not from the monitor: exact even if someone replaces
+            # the socket's monitor, and visible before the client learns of it.
+            guard.metrics.inc("curve_refused")
+            guard.metrics.inc("curve_refused_unknown_key")
         client_key = key.decode("ascii", "replace")
         suppressed = self._throttle((name, self._address, client_key))
         if suppressed is not None:
@@ -347,14 +354,14 @@ class _ZapBase:
             guard.metrics.inc("curve_accepted")
             self.metrics.inc("curve_accepted")
             return False
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH and value == 400:
+            return False  # a ZAP refusal: counted and logged (with the address) by `callback`
         suffix, why = _classify(kind, value)
         endpoint = event["endpoint"].decode("utf-8", "replace")
-        # ZAP refusals were logged by `callback`, with the client's address.
-        if kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH or value != 400:
-            suppressed = self._throttle((guard.name, endpoint, suffix))
-            if suppressed is not None:
-                more = f" ({suppressed} more not logged)" if suppressed else ""
-                log.warning("%s: refused a client on %s: %s%s", guard.name, endpoint, why, more)
+        suppressed = self._throttle((guard.name, endpoint, suffix))
+        if suppressed is not None:
+            more = f" ({suppressed} more not logged)" if suppressed else ""
+            log.warning("%s: refused a client on %s: %s%s", guard.name, endpoint, why, more)
         guard.metrics.inc("curve_refused")
         guard.metrics.inc(f"curve_refused_{suffix}")
         self.metrics.inc("curve_refused")
