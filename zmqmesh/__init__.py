@@ -70,7 +70,8 @@ from ._sockets import (
 from ._sources import EndpointSource, PeerEvent, StaticPeers
 from ._spool import DeadRecord, Spool, SpoolDeadLetters, SpoolEntry, SpoolStats
 from ._spool_async import AsyncSpool
-from ._zap import AsyncAuthenticator, Authenticator, ZapGuard, guard_server
+from ._zap import ZapGuard
+from ._zap_auth import AsyncAuthenticator, Authenticator, guard_server
 
 __version__ = "0.1.0"
 
