@@ -443,10 +443,13 @@ def test_one_process_per_spool(tmp_path):
         [sys.executable, "-c", HOLD, str(path)],
         stdin=subprocess.PIPE,  # it holds the spool until killed (its read never returns)
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        assert holder.stdout is not None and holder.stderr is not None
+        line = holder.stdout.readline().strip()
+        assert line == "open", f"the holder did not start: {holder.stderr.read()[-2000:]}"
         with pytest.raises(SpoolError, match="in use by another process"):
             Spool(path)
         # Reading a live spool works: stats does not take the writer's lock.
@@ -454,7 +457,7 @@ def test_one_process_per_spool(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-        for pipe in (holder.stdin, holder.stdout):
+        for pipe in (holder.stdin, holder.stdout, holder.stderr):
             if pipe is not None:
                 pipe.close()
     with Spool(path) as spool:  # the lock died with its process

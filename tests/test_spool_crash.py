@@ -57,9 +57,10 @@ def expected(n: int) -> list[bytes]:
 class Lines:
     """Complete lines from a child's stdout, read with a deadline (no sleeping)."""
 
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], errors: Path) -> None:
         assert proc.stdout is not None
         self.proc = proc
+        self.errors = errors
         self.fd = proc.stdout.fileno()
         self.buf = b""
         self.lines: list[int] = []
@@ -82,7 +83,10 @@ class Lines:
         while len(self.lines) < count:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or self.proc.poll() is not None:
-                raise AssertionError(f"producer gave {len(self.lines)} of {count} lines")
+                tail = self.errors.read_text(errors="replace")[-2000:]
+                raise AssertionError(
+                    f"producer gave {len(self.lines)} of {count} lines; its stderr:\n{tail}"
+                )
             self._read(min(remaining, 0.5))
 
     def drain(self) -> None:
@@ -107,10 +111,12 @@ def test_kill_9_at_30_random_moments_loses_nothing_acknowledged(tmp_path):
         # The random moment: after a random number of acknowledged appends
         # (0 = while the process is still starting and opening the spool).
         target = 0 if rng.random() < 0.1 else rng.randint(1, 600)
-        proc = subprocess.Popen(
-            [sys.executable, str(script), str(path), policy], stdout=subprocess.PIPE
-        )
-        lines = Lines(proc)
+        errors = tmp_path / "producer.err"
+        with open(errors, "wb") as err:
+            proc = subprocess.Popen(
+                [sys.executable, str(script), str(path), policy], stdout=subprocess.PIPE, stderr=err
+            )
+        lines = Lines(proc, errors)
         try:
             lines.wait_for(target)
         finally:
