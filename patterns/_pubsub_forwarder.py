@@ -38,6 +38,9 @@ __all__ = ["AsyncForwarder", "Forwarder"]
 
 _BATCH: Final = 256  # messages moved per wake-up, so a busy forwarder polls rarely
 _POLL_MS: Final = 100  # longest wait, so stop() and the endpoint source are heard
+_NOBLOCK: Final = zmq.NOBLOCK
+_SNDMORE: Final = zmq.SNDMORE
+_NO_LIMIT: Final = 1 << 62
 
 
 class _ForwarderCore:
@@ -70,18 +73,29 @@ class _ForwarderCore:
         self.machine = ForwarderMachine(last_value=last_value, name=name)
         opts: dict[str, Any] = {
             "hwm": hwm,
-            "max_message_size": max_message_size,
             "metrics": self.machine.metrics,
             "name": f"forwarder {name}",
         }
         # The frontend is a CURVE server only where it binds; it is a client of
-        # the publishers it connects to.
+        # the publishers it connects to. libzmq's MAXMSGSIZE ends a connection
+        # for good on a connecting socket (see the Subscriber driver), so there
+        # the limit is checked after receipt instead.
+        connecting = bool(front_connects) or source is not None
         front_curve = curve if front_binds or curve is None or not curve.server else None
-        self.xsub, self.xsub_guard = guarded_socket(ctx, zmq.XSUB, curve=front_curve, **opts)
+        self.max_message_size = max_message_size
+        self.xsub, self.xsub_guard = guarded_socket(
+            ctx,
+            zmq.XSUB,
+            curve=front_curve,
+            max_message_size=None if connecting else max_message_size,
+            **opts,
+        )
         self.xpub: zmq.Socket[Any]
         self.xpub_guard: ZapGuard | None = None
         try:
-            self.xpub, self.xpub_guard = guarded_socket(ctx, zmq.XPUB, curve=curve, **opts)
+            self.xpub, self.xpub_guard = guarded_socket(
+                ctx, zmq.XPUB, curve=curve, max_message_size=max_message_size, **opts
+            )
             self.xpub.setsockopt(zmq.XPUB_VERBOSER, 1)
             self.frontend_endpoints = attach(
                 self.xsub, front_binds, front_connects, f"forwarder {name}"
@@ -94,24 +108,43 @@ class _ForwarderCore:
         self.next_drain = 0.0
 
     def downstream(self, xsub: zmq.Socket[Any], xpub: zmq.Socket[Any]) -> int:
-        """Move up to a batch of messages from publishers to subscribers."""
+        """Move up to a batch of messages from publishers to subscribers.
+
+        Frame by frame with `copy=False`: a Frame knows whether more follow
+        (recv_multipart asks libzmq through a slow getsockopt per frame) and is
+        sent on without copying its bytes.
+        """
         moved = nbytes = 0
-        cache = self.machine.cache
+        m = self.machine
+        cache = m.cache
+        limit = _NO_LIMIT if self.max_message_size is None else self.max_message_size
+        recv = xsub.recv
+        send = xpub.send
         while moved < _BATCH:
             try:
-                frames = xsub.recv_multipart(zmq.NOBLOCK, copy=False)
+                frame = recv(_NOBLOCK, False)
             except zmq.Again:
                 break
+            frames = [frame]
+            size = len(frame)
+            while frame.more:
+                frame = recv(0, False)
+                frames.append(frame)
+                size += len(frame)
+            moved += 1
+            if size > limit:
+                m.oversized(frames[0].bytes, size, self.max_message_size or 0)
+                continue
             # XPUB never blocks (a full subscriber misses the message, as with PUB);
             # that subscriber sees it as a gap.
-            xpub.send_multipart(frames, copy=False)
-            moved += 1
-            for frame in frames:
-                nbytes += len(frame)
+            for part in frames[:-1]:
+                send(part, _SNDMORE, copy=False)
+            send(frames[-1], 0, copy=False)
+            nbytes += size
             if cache is not None:
                 cache.store(frames[0].bytes, frames)  # type: ignore[arg-type]
         if moved:
-            self.machine.forwarded(moved, nbytes)
+            m.forwarded(moved, nbytes)
         return moved
 
     def upstream(self, xsub: zmq.Socket[Any], xpub: zmq.Socket[Any]) -> int:

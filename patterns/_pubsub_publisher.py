@@ -157,6 +157,7 @@ class Publisher:
         self._lock: threading.Lock | None = None
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._peers.apply(self._sock)  # the peers known now; later ones on the thread
         if last_value or source is not None:
             self._start_service()
 
@@ -176,7 +177,7 @@ class Publisher:
         lock = self._lock
         if lock is None:
             sent = self._send(t, self._m.message(t, b, headers, _time_ns()), b)
-            if not self._m.ids.seq & 0xFFF:
+            if not self._m.ids.seq & 0xFF:
                 # No service thread reads subscription events: read them now and
                 # then, so they cannot pile up in libzmq while we only publish.
                 self._process_events()
@@ -386,6 +387,7 @@ class AsyncPublisher:
         self._task: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
         self._closed = False
+        self._peers.apply(self._plain)  # the peers known now; later ones in the task
 
     @property
     def sender(self) -> bytes:

@@ -100,13 +100,22 @@ class _SubscriberCore:
             raise LocalProtocolError(f"subscriber {name} needs connect=, bind= or source=")
         prefixes = [topic_bytes(t) for t in ([topics] if isinstance(topics, str) else topics)]
         self.name = name
-        self.machine = SubscriberMachine(name=name, on_gap=on_gap, max_streams=max_streams)
+        self.machine = SubscriberMachine(
+            name=name, on_gap=on_gap, max_streams=max_streams, max_message_size=max_message_size
+        )
+        # libzmq's MAXMSGSIZE cuts the connection of a peer that goes over it, as a
+        # protocol error, and a connecting socket does not reconnect after one: one
+        # oversized message would end the feed from that publisher for good. So a
+        # SUB that connects leaves the limit to the machine (the message is read,
+        # counted as `oversized` and dropped); one that only binds uses MAXMSGSIZE
+        # (the publisher, which connected, reconnects by itself).
+        bind_only = not connects and source is None
         self.sock, self.guard = guarded_socket(
             ctx,
             zmq.SUB,
             curve=curve,
             hwm=hwm,
-            max_message_size=max_message_size,
+            max_message_size=max_message_size if bind_only else None,
             metrics=self.machine.metrics,
             name=f"subscriber {name}",
         )
@@ -121,6 +130,8 @@ class _SubscriberCore:
         self.connected = list(connects)
         self.peers = Peers(source, f"subscriber {name}")
         self.next_drain = 0.0
+        # The peers known now are connected now; later changes at each loop pass.
+        self.drain_source(0.0)
 
     def subscribe(self, prefix: str | bytes) -> None:
         p = topic_bytes(prefix)

@@ -70,6 +70,7 @@ log = logging.getLogger("zmqmesh.pubsub")
 _SUBSCRIBE: Final = 1
 _UNSUBSCRIBE: Final = 0
 _NO_HEADERS: Final[dict[str, str]] = {}
+_NO_LIMIT: Final = 1 << 62
 #: Streams remembered per subscriber before the oldest half is forgotten.
 DEFAULT_MAX_STREAMS: Final = 100_000
 
@@ -248,6 +249,7 @@ class SubscriberMachine:
         "_log_once",
         "_logged_senders",
         "gaps",
+        "max_message_size",
         "max_streams",
         "metrics",
         "name",
@@ -261,12 +263,16 @@ class SubscriberMachine:
         name: str = "subscriber",
         on_gap: GapCallback | None = None,
         max_streams: int = DEFAULT_MAX_STREAMS,
+        max_message_size: int | None = None,
     ) -> None:
         if max_streams < 2:
             raise ValueError(f"max_streams must be >= 2, got {max_streams}")
         self.name = name
         self.on_gap = on_gap
         self.max_streams = max_streams
+        # Checked here as well as (where it is safe) by libzmq's MAXMSGSIZE; see
+        # the Subscriber driver for why a connecting SUB cannot leave it to libzmq.
+        self.max_message_size = _NO_LIMIT if max_message_size is None else max_message_size
         self.metrics = Metrics(name)
         self._c = c = self.metrics.counters
         for key in (
@@ -276,6 +282,7 @@ class SubscriberMachine:
             "duplicates",
             "gaps",
             "messages_missed",
+            "oversized",
         ):
             c[key] = 0
         self.prefixes: list[bytes] = []
@@ -335,7 +342,9 @@ class SubscriberMachine:
         except RemoteProtocolError as exc:
             return self._resync(topic, header_frame, body, str(exc))
         if type(header) is not Data:
-            self._garbage(b"kind", f"a {type(header).__name__} header where Data belongs")
+            self._garbage(
+                b"kind", f"a message on topic {topic!r} with a {type(header).__name__} header"
+            )
             return None
         topic_seq = header.topic_seq
         if topic_seq:  # 0: the sender does not number its topics; nothing to check
@@ -351,10 +360,23 @@ class SubscriberMachine:
             elif topic_seq != last + 1:
                 self._gap(Gap(header.sender, topic, topic_seq - last - 1, last + 1, topic_seq))
             streams[key] = topic_seq
+        size = len(body[0]) if len(body) == 1 else sum(len(f) for f in body)
+        if size + len(topic) + len(header_frame) > self.max_message_size:
+            # Numbered above: the stream goes on without a false gap; it is counted here.
+            self._oversized(header.sender, topic, size + len(topic) + len(header_frame))
+            return None
         c = self._c
         c["messages_in"] += 1
-        c["bytes_in"] += len(body[0]) if len(body) == 1 else sum(len(f) for f in body)
+        c["bytes_in"] += size
         return Message(header, body, topic)
+
+    def _oversized(self, sender: bytes, topic: bytes, size: int) -> None:
+        self._c["oversized"] += 1
+        self._log_once(
+            b"oversized",
+            f"subscriber {self.name}: dropped a message of {size} bytes on topic {topic!r} "
+            f"from publisher {sender.hex()}: over max_message_size={self.max_message_size}",
+        )
 
     def _resync(
         self, first: bytes, header_frame: bytes, body: list[bytes], reason: str
@@ -373,7 +395,8 @@ class SubscriberMachine:
                 if type(header) is Data:
                     self.truncated(1)
                     return self.accept(bytes(memoryview(header_frame)), body[0], body[1:])
-        self._garbage(b"header", reason)
+        kind = b"version" if "protocol version" in reason else b"header"
+        self._garbage(kind, f"a message on topic {first!r}: {reason}")
         return None
 
     def _gap(self, gap: Gap) -> None:
@@ -423,7 +446,7 @@ class ForwarderMachine:
     (the last-value key) and at subscription events.
     """
 
-    __slots__ = ("_c", "cache", "metrics", "name", "tracker")
+    __slots__ = ("_c", "_log_once", "_oversized_pending", "cache", "metrics", "name", "tracker")
 
     def __init__(self, *, last_value: bool = False, name: str = "forwarder") -> None:
         self.name = name
@@ -438,16 +461,31 @@ class ForwarderMachine:
             "upstream_other",
             "replays_out",
             "replays_dropped",
+            "oversized",
         ):
             c[key] = 0
         self.cache: LastValueCache | None = LastValueCache() if last_value else None
         self.tracker = SubscriptionTracker()
+        self._log_once = LogOnce(log)
+        self._oversized_pending = 0
 
     def forwarded(self, messages: int, nbytes: int) -> None:
+        """Count `messages` received, of which all but the oversized ones went on."""
         c = self._c
         c["messages_in"] += messages
-        c["messages_out"] += messages
+        c["messages_out"] += messages - self._oversized_pending
         c["bytes_in"] += nbytes
+        self._oversized_pending = 0
+
+    def oversized(self, topic: bytes, size: int, limit: int) -> None:
+        """Count (and log once) a message dropped for being over the size limit."""
+        self._c["oversized"] += 1
+        self._oversized_pending += 1
+        self._log_once(
+            b"oversized",
+            f"forwarder {self.name}: dropped a message of {size} bytes on topic {topic!r}: "
+            f"over max_message_size={limit}",
+        )
 
     def upstream(self, frames: list[bytes]) -> list[list[bytes]]:
         """A message from a subscriber, passed on upstream by the driver; replays to send."""
