@@ -1,0 +1,433 @@
+"""The pipeline (point-to-point) protocol as sans-I/O machines.
+
+Wire (DESIGN.md section 2): a PUSH/PULL message is `[Data header, body...]`;
+a directed message over DEALER/ROUTER carries the empty delimiter in front,
+`[b"", Data header, body...]`, and the ROUTER sees the sender's routing id
+before it (zguide chapter 3, "The Extended Reply Envelope"), like the
+request-reply wire, so a plain REQ/DEALER peer can take part.
+
+- `PushMachine` mints message ids (a per-sender random id plus a counter,
+  `Data.seq`) and, when batching, decides when a batch goes out: when it
+  holds `max_count` messages or `max_bytes` of bodies, when `linger` seconds
+  have passed since its first message (checked on the next `add` with the
+  `now` the driver passes), or when the driver flushes it. A batch is one
+  frame, `[Batch header, msgpack [[Data, body], ...]]`, so many small messages
+  cost one ZeroMQ frame (Kafka's `linger.ms` and `batch.size`).
+- `PullMachine` checks what the driver read: the header's version, a TTL
+  that ran out (dropped and counted: `expired`), and unpacks batches in
+  order. Bad input (garbage, an unknown version, a truncated message, a body
+  that breaks the header's own frame count) is counted in `decode_errors`
+  and per reason, logged once per peer and reason, and dropped.
+- `EndpointTracker` turns an endpoint source's events into connects and
+  disconnects.
+
+Time is always passed in; the wall clock for TTLs comes as a callable
+because only messages with a TTL need it.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, Final
+
+import msgspec
+
+from zmqmesh import (
+    PROTOCOL_VERSION,
+    Data,
+    LocalProtocolError,
+    Message,
+    Metrics,
+    PeerEvent,
+    RemoteProtocolError,
+    decode_header,
+)
+from zmqmesh._envelope import Batch
+
+from .ppp import LogOnce
+
+__all__ = [
+    "DEFAULT_BATCH_BYTES",
+    "DEFAULT_BATCH_COUNT",
+    "DEFAULT_BATCH_LINGER",
+    "FLUSH_FIRST",
+    "HOLD",
+    "SEND",
+    "EndpointTracker",
+    "PullMachine",
+    "PushMachine",
+]
+
+log = logging.getLogger("zmqmesh.pipeline")
+
+DEFAULT_BATCH_COUNT: Final = 256
+DEFAULT_BATCH_BYTES: Final = 64 * 1024
+DEFAULT_BATCH_LINGER: Final = 0.005
+_INF: Final = float("inf")
+#: `PushMachine.add` verdicts.
+HOLD: Final = 0  # the message waits in the batch
+SEND: Final = 1  # the batch (with this message) should go now
+FLUSH_FIRST: Final = 2  # nothing was added: send the batch, then add again
+# Bytes a batched item costs beyond its body (its Data header and msgpack framing).
+_ITEM_OVERHEAD: Final = 40
+_NO_HEADERS: Final[dict[str, str]] = {}
+# The Data(...) calls below spell the version as the literal 1 (a global
+# lookup per message is measurable); this keeps the literal honest.
+assert PROTOCOL_VERSION == 1, "update the Data(1, ...) calls in this module"
+
+_RECV_COUNTERS: Final = (
+    "messages_in",
+    "bytes_in",
+    "batches_in",
+    "expired",
+    "decode_errors",
+    "body_decode_errors",
+)
+_SEND_COUNTERS: Final = ("messages_out", "bytes_out", "batches_out", "send_errors")
+
+
+def ttl_ms(ttl: float | None) -> int:
+    """A TTL in seconds as the envelope's whole milliseconds (0: none); at least 1 ms."""
+    if ttl is None:
+        return 0
+    if not ttl > 0:
+        raise LocalProtocolError(f"ttl must be a positive number of seconds, not {ttl!r}")
+    return max(1, round(ttl * 1000))
+
+
+class PushMachine:
+    """Mints headers for one sender and, with `batch=True`, coalesces messages.
+
+    The driver calls `header()` for a message it sends at once, or `add()`
+    when batching; `add()` says whether to hold the message, send the batch
+    now, or send the batch first (the message would overflow `max_bytes`),
+    and `take()` hands over the batch's frames. `next_flush()` is when the
+    open batch's linger ends (for drivers with a timer). Seq numbers are
+    minted in send order, so a puller sees one sender's messages in order.
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_due",
+        "_first",
+        "_items",
+        "batch",
+        "item_max",
+        "linger",
+        "max_bytes",
+        "max_count",
+        "metrics",
+        "name",
+        "sender",
+        "seq",
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str = "pusher",
+        sender: bytes | None = None,
+        batch: bool = False,
+        max_count: int = DEFAULT_BATCH_COUNT,
+        max_bytes: int = DEFAULT_BATCH_BYTES,
+        linger: float = DEFAULT_BATCH_LINGER,
+        metrics: Metrics | None = None,
+        random: Callable[[int], bytes] | None = None,
+    ) -> None:
+        if max_count < 1:
+            raise LocalProtocolError(f"batch_max_count must be >= 1, not {max_count}")
+        if max_bytes < 1:
+            raise LocalProtocolError(f"batch_max_bytes must be >= 1, not {max_bytes}")
+        if linger < 0:
+            raise LocalProtocolError(f"batch_linger must be >= 0 seconds, not {linger}")
+        if sender is None:
+            if random is None:
+                raise LocalProtocolError("PushMachine needs sender= or random=")
+            sender = random(8)
+        self.name = name
+        self.sender = sender
+        self.seq = 0
+        self.batch = batch
+        self.max_count = max_count
+        self.max_bytes = max_bytes
+        #: The largest body that goes in a batch (a larger one goes alone).
+        self.item_max = max_bytes - _ITEM_OVERHEAD
+        self.linger = linger
+        self.metrics = metrics if metrics is not None else Metrics(name)
+        for key in _SEND_COUNTERS:
+            self.metrics.counters.setdefault(key, 0)
+        self._items: list[tuple[Data, bytes]] = []
+        self._bytes = 0
+        self._first = 0.0
+        self._due = 0.0
+
+    def header(
+        self,
+        created_ns: int,
+        headers: dict[str, str] | None = None,
+        priority: int = 0,
+        ttl_ms: int = 0,
+        body_frames: int = 1,
+    ) -> Data:
+        """The header of the next message (the driver encodes and sends it)."""
+        seq = self.seq = self.seq + 1
+        return Data(
+            1, self.sender, seq, created_ns, headers or _NO_HEADERS, priority, 1, b"", "", ttl_ms,
+            0, body_frames,
+        )  # fmt: skip
+
+    def add(
+        self,
+        body: bytes,
+        created_ns: int,
+        now: float,
+        headers: dict[str, str] | None = None,
+        priority: int = 0,
+        ttl_ms: int = 0,
+    ) -> int:
+        """Put one single-frame message in the batch: HOLD, SEND or FLUSH_FIRST."""
+        # The per-message path of batching: kept to plain local operations.
+        items = self._items
+        size = self._bytes + len(body) + _ITEM_OVERHEAD
+        if not items:
+            self._first = now
+            self._due = now + self.linger
+        elif size > self.max_bytes:
+            return FLUSH_FIRST
+        seq = self.seq = self.seq + 1
+        # A caller's headers dict is copied: the batch keeps it until the flush.
+        headers = dict(headers) if headers else _NO_HEADERS
+        items.append(
+            (
+                Data(1, self.sender, seq, created_ns, headers, priority, 1, b"", "", ttl_ms, 0, 1),
+                body,
+            )
+        )
+        self._bytes = size
+        if (
+            len(items) >= self.max_count
+            or size >= self.max_bytes
+            or now >= self._due
+            or now < self._first  # the clock went back: do not hold the batch
+        ):
+            return SEND
+        return HOLD
+
+    def fits(self, size: int) -> bool:
+        """Whether a body of `size` bytes belongs in a batch (else it goes alone)."""
+        return size <= self.item_max
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting in the open batch."""
+        return len(self._items)
+
+    def due(self, now: float) -> bool:
+        """True when an open batch's linger has passed."""
+        return bool(self._items) and (now >= self._due or now < self._first)
+
+    def next_flush(self) -> float:
+        """When the open batch's linger ends (`inf` with no open batch)."""
+        return self._due if self._items else _INF
+
+    def take(self) -> tuple[list[bytes], int] | None:
+        """The open batch as frames `[Batch header, payload]` and its body bytes; resets it.
+
+        None when nothing is held.
+        """
+        items = self._items
+        if not items:
+            return None
+        nbytes = self._bytes - _ITEM_OVERHEAD * len(items)
+        self._items = []
+        self._bytes = 0
+        header = Batch(PROTOCOL_VERSION, self.sender, len(items))
+        return [_encode(header), _encode(items)], nbytes
+
+
+_encode: Final = msgspec.msgpack.Encoder().encode
+
+
+class PullMachine:
+    """Checks and unpacks what a puller (or a directed peer) received.
+
+    The driver reads the header frame, decodes it with `decode` (a msgspec
+    decoder: garbage raises `msgspec.DecodeError`, handed to `bad_header`),
+    reads the body frames and calls `accept_one` (one body frame) or
+    `accept`. Messages unpacked from a batch wait in `ready`; `pop()` hands
+    them out, dropping those whose TTL ran out while they waited.
+    `messages_in` counts messages handed to the application.
+    """
+
+    __slots__ = (
+        "_batch_decode",
+        "_log_once",
+        "_wall_ns",
+        "counters",
+        "decode",
+        "metrics",
+        "name",
+        "ready",
+    )
+
+    def __init__(
+        self,
+        *,
+        name: str = "puller",
+        wall_ns: Callable[[], int],
+        metrics: Metrics | None = None,
+        component: str | None = None,
+    ) -> None:
+        self.name = name
+        self._wall_ns = wall_ns
+        self.metrics = metrics if metrics is not None else Metrics(component or name)
+        self.counters = self.metrics.counters
+        for key in _RECV_COUNTERS:
+            self.counters.setdefault(key, 0)
+        self.decode: Callable[[Any], Data | Batch] = msgspec.msgpack.Decoder(Data | Batch).decode
+        self._batch_decode = msgspec.msgpack.Decoder(list[tuple[Data, bytes]]).decode
+        self.ready: collections.deque[Message] = collections.deque()
+        self._log_once = LogOnce(log)
+
+    def accept_one(self, header: Data | Batch, body: bytes, peer: bytes = b"") -> Message | None:
+        """`accept` for a message of one body frame (the common case, kept short)."""
+        if type(header) is Data and header.version == 1 and not header.ttl_ms:
+            c = self.counters
+            c["messages_in"] += 1
+            c["bytes_in"] += len(body)
+            return Message(header, [body], b"", peer)
+        return self.accept(header, [body], peer)
+
+    def accept(
+        self, header: Data | Batch, frames: list[bytes], peer: bytes = b""
+    ) -> Message | None:
+        """The message, or None when it was dropped (expired, bad, or a batch: see `pop`)."""
+        if header.version != PROTOCOL_VERSION:
+            self.bad(
+                peer,
+                "unknown_version",
+                f"header has unknown protocol version {header.version} (this zmqmesh speaks "
+                f"{PROTOCOL_VERSION}) from sender {header.sender.hex()}; upgrade the older side",
+            )
+            return None
+        c = self.counters
+        if type(header) is Data:
+            if header.ttl_ms and header.expired(self._wall_ns()):
+                c["expired"] += 1
+                return None
+            c["messages_in"] += 1
+            c["bytes_in"] += sum(map(len, frames))
+            return Message(header, frames, b"", peer)
+        if len(frames) != 1:
+            self.bad(peer, "garbage", f"a batch of {len(frames)} frames (a batch has one)")
+            return None
+        return self._unbatch(header, frames[0], peer)  # type: ignore[arg-type]
+
+    def _unbatch(self, header: Batch, payload: bytes, peer: bytes) -> Message | None:
+        try:
+            items = self._batch_decode(payload)
+        except msgspec.DecodeError as exc:
+            self.bad(peer, "garbage", f"batch from sender {header.sender.hex()} is garbage: {exc}")
+            return None
+        if len(items) != header.count:
+            self.bad(
+                peer,
+                "garbage",
+                f"batch from sender {header.sender.hex()} says {header.count} messages "
+                f"but holds {len(items)}",
+            )
+            return None
+        # The batch header's version stands for its items: one sender wrote them all.
+        ready = self.ready
+        append = ready.append
+        nbytes = 0
+        for data, body in items:
+            nbytes += len(body)
+            append(Message(data, [body], b"", peer))
+        c = self.counters
+        c["batches_in"] += 1
+        c["messages_in"] += len(items)
+        c["bytes_in"] += nbytes
+        return self.pop()
+
+    def pop(self) -> Message | None:
+        """The next message unpacked from a batch; None when there is none left."""
+        ready = self.ready
+        while ready:
+            msg = ready.popleft()
+            header = msg.header
+            if header.ttl_ms and header.expired(self._wall_ns()):
+                c = self.counters
+                c["expired"] += 1
+                c["messages_in"] -= 1
+                continue
+            return msg
+        return None
+
+    def bad_header(self, frame: bytes, exc: Exception, peer: bytes = b"") -> None:
+        """A header frame that did not decode: find out why, count and log once."""
+        try:
+            header = decode_header(frame)
+        except RemoteProtocolError as err:
+            reason = str(err)
+            kind = "unknown_version" if "unknown protocol version" in reason else "garbage"
+        else:
+            kind = "garbage"
+            reason = f"a {type(header).__name__} header where a pipeline message belongs"
+        self.bad(peer, kind, f"dropped a message: {reason}")
+
+    def truncated(self, peer: bytes, detail: str) -> None:
+        self.bad(peer, "truncated", f"dropped a truncated message: {detail}")
+
+    def bad(self, peer: bytes, kind: str, reason: str) -> None:
+        """Count bad input (`decode_errors` and `decode_errors_<kind>`) and log it once."""
+        c = self.counters
+        c["decode_errors"] += 1
+        key = f"decode_errors_{kind}"
+        c[key] = c.get(key, 0) + 1
+        who = f"peer {peer.hex()}" if peer else "a peer"
+        self._log_once(peer + b"\0" + kind.encode(), f"{self.name}: {who}: {reason}")
+
+    def body_error(self, msg: Message, type_: object, exc: Exception) -> RemoteProtocolError:
+        """A typed body that does not decode: counted, returned for the caller to raise."""
+        self.counters["body_decode_errors"] += 1
+        h = msg.header
+        name = getattr(type_, "__name__", repr(type_))
+        return RemoteProtocolError(
+            f"{self.name}: message {h.seq} from sender {h.sender.hex()} does not decode "
+            f"as {name} ({exc}); the message was dropped, the next one can be received"
+        )
+
+
+class EndpointTracker:
+    """Which endpoints a connecting socket should have, from an endpoint source's events."""
+
+    __slots__ = ("connected", "failed")
+
+    def __init__(self, connected: Sequence[str] = ()) -> None:
+        self.connected: set[str] = set(connected)
+        self.failed: set[str] = set()
+
+    def plan(self, events: Sequence[PeerEvent]) -> list[tuple[str, PeerEvent]]:
+        """("connect" | "disconnect", event) steps for the driver, in order."""
+        steps: list[tuple[str, PeerEvent]] = []
+        for event in events:
+            ep = event.endpoint
+            if event.kind == "removed":
+                if ep in self.connected:
+                    self.connected.discard(ep)
+                    steps.append(("disconnect", event))
+                self.failed.discard(ep)
+            elif ep not in self.connected:
+                self.connected.add(ep)
+                steps.append(("connect", event))
+        return steps
+
+    def connect_failed(self, endpoint: str) -> bool:
+        """Forget a connect that failed; True the first time (so the driver logs once)."""
+        self.connected.discard(endpoint)
+        first = endpoint not in self.failed
+        self.failed.add(endpoint)
+        return first
