@@ -153,6 +153,8 @@ class Publisher:
             name=name,
         )
         self._first_flags = _SNDMORE | (zmq.NOBLOCK if when_full == "skip" else 0)
+        self._send_frame = self._sock.send
+        self._message = self._m.message
         self._peers = Peers(source, f"publisher {name}")
         self._lock: threading.Lock | None = None
         self._thread: threading.Thread | None = None
@@ -174,21 +176,30 @@ class Publisher:
         """Publish one message; False only when `when_full="skip"` dropped it."""
         t = topic if type(topic) is bytes else topic_bytes(topic)
         b = body if type(body) is bytes else body_bytes(body)
-        lock = self._lock
-        if lock is None:
-            sent = self._send(t, self._m.message(t, b, headers, _time_ns()), b)
-            if not self._m.ids.seq & 0xFF:
-                # No service thread reads subscription events: read them now and
-                # then, so they cannot pile up in libzmq while we only publish.
-                self._process_events()
-            return sent
-        with lock:
-            return self._send(t, self._m.message(t, b, headers, _time_ns()), b)
+        if self._lock is not None:
+            with self._lock:
+                return self._send(t, self._message(t, b, headers, _time_ns()), b)
+        header = self._message(t, b, headers, _time_ns())
+        send = self._send_frame
+        try:
+            # One send per frame: pyzmq's send_multipart costs about twice as much.
+            # XPUB takes or refuses a message on its first frame; the rest follow.
+            send(t, self._first_flags)
+            send(header, _SNDMORE)
+            send(b)
+        except zmq.Again:
+            self.metrics.counters["messages_dropped"] += 1
+            return False
+        except zmq.ZMQError as exc:
+            raise send_error(exc, f"publisher {self.name}: publishing on {t!r}") from exc
+        if not self._m.seq & 0xFF:
+            # No service thread reads subscription events: read them now and then,
+            # so they cannot pile up in libzmq while we only publish.
+            self._process_events()
+        return True
 
     def _send(self, topic: bytes, header: bytes, body: bytes) -> bool:
-        # One send per frame: pyzmq's send_multipart costs about twice as much.
-        # XPUB takes or refuses a message on its first frame; the rest follow.
-        send = self._sock.send
+        send = self._send_frame
         try:
             send(topic, self._first_flags)
             send(header, _SNDMORE)
