@@ -14,6 +14,7 @@ _COLUMNS = (
     ("pattern", "pattern"),
     ("policy", "policy"),
     ("transport", "transport"),
+    ("raw_mode", "raw side"),
     ("count", "count"),
     ("size", "size"),
     ("zmqmesh_msgs_per_s", "zmqmesh msg/s"),
