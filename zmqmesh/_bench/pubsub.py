@@ -6,24 +6,28 @@ as two threads of one spawned process (inproc, which cannot cross processes).
 
 - zmqmesh: `patterns.pubsub.Publisher` / `Subscriber`: a Data header per
   message (ids, per-topic numbering), gap and duplicate checks, a `Message`
-  per receive.
-- raw: plain pyzmq, `[topic, body]`, no envelope. `--raw` picks how it moves
-  frames; the default, `frames`, is the fastest way that still finds message
-  boundaries: one `send` per frame with SNDMORE, and a receive loop of
-  `recv(copy=False)` that reads each frame's `more` flag (pyzmq's
-  send_multipart/recv_multipart cost about twice as much; `multipart` measures
-  them). `fixed` assumes every message has exactly two frames and reads two
-  with no boundary check: the upper bound, unsafe for a real subscriber.
-  The raw publisher is an XPUB socket so that it too can see the subscription
-  arrive (sending on XPUB is sending on PUB).
+  per receive. Its publisher sends through pyzmq's Cython socket class
+  directly (`zmq.backend.Socket.send`), skipping the Python-level wrapper of
+  `zmq.Socket.send`, which costs as much as the send itself.
+- raw: plain pyzmq through its public API, `[topic, body]`, no envelope.
+  `--raw` picks how it moves frames; the default, `frames`, is the fastest
+  way that still finds message boundaries: one `send` per frame with
+  SNDMORE, and a receive loop of `recv(copy=False)` that reads each frame's
+  `more` flag (pyzmq's send_multipart/recv_multipart cost about twice as
+  much; `multipart` measures them). `fixed` assumes every message has
+  exactly two frames and reads two with no boundary check: the upper bound,
+  unsafe for a real subscriber. The raw publisher is an XPUB socket so that
+  it too can see the subscription arrive (sending on XPUB is sending on PUB).
 
 The sides take turns for `--rounds` rounds and the best round of each is
 reported (other load on a shared machine only ever slows a round down).
 Both subscribers connect and subscribe before timing starts: the publisher
 waits for the subscription event, not for a sleep. HWMs are unlimited so
-nothing is dropped; what did not arrive within 10 s of silence is reported
-as lost. Time runs from the publisher's first send to the subscriber's last
-receive (CLOCK_MONOTONIC is one clock for every process of the host).
+nothing should be dropped; an end marker follows the last message, and what
+did not arrive before it is reported as lost. Both subscribers use the plain
+blocking receive (zmqmesh: `for msg in sub`). Time runs from the publisher's
+first send to the subscriber's end marker (CLOCK_MONOTONIC is one clock for
+every process of the host).
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ from . import Progress, ratio, run_isolated
 NAME = "pubsub"
 HELP = "Publisher -> Subscriber vs raw pyzmq PUB -> SUB with a topic frame"
 
+_PREFIX: Final = b"bench."
 _TOPIC: Final = b"bench.prices"
-_IDLE: Final = 10.0  # seconds of silence after which the rest counts as lost
+_END: Final = b"bench.end"  # sent after the last message: what is missing then is lost
+_IDLE: Final = 10.0  # linger, and the raw subscriber's safety-net receive timeout
 _RAW_MODES: Final = ("frames", "multipart", "fixed")
 
 
@@ -248,6 +254,7 @@ def _zmqmesh_publisher(
         start = time.monotonic()
         for _ in range(count):
             publish(_TOPIC, body)
+        publish(_END, b"")
         # Let the queued messages leave before the socket closes.
         pub.close(linger=_IDLE)
     return ("pub", start, count)
@@ -257,19 +264,14 @@ def _zmqmesh_subscriber(
     ctx: Any, endpoint: str, count: int, raw_mode: str
 ) -> tuple[str, float, int]:
     from patterns.pubsub import Subscriber
-    from zmqmesh import Timeout
 
     received = 0
-    end = time.monotonic()
-    with Subscriber(connect=endpoint, topics=[_TOPIC], ctx=ctx, hwm=0, name="bench") as sub:
-        recv = sub.recv
-        try:
-            while received < count:
-                recv(_IDLE)
-                received += 1
-            end = time.monotonic()
-        except Timeout:
-            end = time.monotonic() - _IDLE
+    with Subscriber(connect=endpoint, topics=[_PREFIX], ctx=ctx, hwm=0, name="bench") as sub:
+        for msg in sub:  # the plain blocking receive, as an application iterates
+            if msg.topic == _END:
+                break
+            received += 1
+        end = time.monotonic()
     return ("sub", end, received)
 
 
@@ -292,7 +294,7 @@ def _raw_publisher(
         bound = endpoint
     announce(("bound", bound))
     sock.rcvtimeo = 30_000
-    if sock.recv() != b"\x01" + _TOPIC:  # the subscription: the subscriber is there
+    if sock.recv() != b"\x01" + _PREFIX:  # the subscription: the subscriber is there
         raise RuntimeError("unexpected subscription")
     body = b"x" * size
     start = time.monotonic()
@@ -307,6 +309,7 @@ def _raw_publisher(
         for _ in range(count):
             send(_TOPIC, more)
             send(body)
+    sock.send_multipart([_END, b""])
     sock.close(linger=int(_IDLE * 1000))
     return ("pub", start, count)
 
@@ -317,31 +320,30 @@ def _raw_subscriber(ctx: Any, endpoint: str, count: int, raw_mode: str) -> tuple
     sock = ctx.socket(zmq.SUB)
     sock.rcvhwm = 0
     sock.linger = 0
-    sock.rcvtimeo = int(_IDLE * 1000)
-    sock.subscribe(_TOPIC)
+    sock.rcvtimeo = int(_IDLE * 1000)  # a safety net only: costs nothing per message
+    sock.subscribe(_PREFIX)
     sock.connect(endpoint)
     received = 0
-    end = time.monotonic()
     try:
         if raw_mode == "multipart":
             recv_multipart = sock.recv_multipart
-            while received < count:
-                recv_multipart()
+            while recv_multipart()[0] != _END:
                 received += 1
         elif raw_mode == "fixed":
             recv = sock.recv
-            while received < count:
-                recv()
+            while recv() != _END:
                 recv()
                 received += 1
         else:
             recv = sock.recv
-            while received < count:
+            while True:
                 frame = recv(copy=False)
                 parts = [frame.bytes]
                 while frame.more:
                     frame = recv(copy=False)
                     parts.append(frame.bytes)
+                if parts[0] == _END:
+                    break
                 received += 1
         end = time.monotonic()
     except zmq.Again:
