@@ -123,6 +123,11 @@ class Publisher:
     it reports as a gap; nothing is counted here), "skip" (nobody gets it,
     `publish` returns False and `messages_dropped` counts it) or "block"
     (`publish` waits until there is room: back-pressure).
+
+    Without the background thread, subscription events are read inside
+    `publish` (every 256 messages), `subscriptions()` and
+    `wait_for_subscribers()`. Use a publisher from one thread at a time, as
+    any ZeroMQ socket.
     """
 
     def __init__(

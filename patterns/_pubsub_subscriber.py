@@ -109,7 +109,7 @@ class _SubscriberCore:
         # SUB that connects leaves the limit to the machine (the message is read,
         # counted as `oversized` and dropped); one that only binds uses MAXMSGSIZE
         # (the publisher, which connected, reconnects by itself).
-        bind_only = not connects and source is None
+        self.bind_only = bind_only = not connects and source is None
         self.sock, self.guard = guarded_socket(
             ctx,
             zmq.SUB,
@@ -150,6 +150,11 @@ class _SubscriberCore:
             raise recv_error(exc, f"subscriber {self.name}: (un)subscribing {prefix!r}") from exc
 
     def connect(self, endpoint: str) -> None:
+        if self.bind_only:
+            # From now on connections are made too: the limit moves to the machine
+            # (libzmq reads the option when it makes a connection).
+            self.sock.setsockopt(zmq.MAXMSGSIZE, -1)
+            self.bind_only = False
         connect(self.sock, endpoint)
         self.connected.append(endpoint)
 

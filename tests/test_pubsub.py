@@ -160,6 +160,32 @@ def test_typed_bodies_headers_and_iteration(ctx: Ctx) -> None:
             got[0].decode(Reply)
 
 
+def test_several_publishers_on_one_topic_are_separate_streams(ctx: Ctx) -> None:
+    with (
+        Publisher(bind=TCP, ctx=ctx, name="p1") as p1,
+        Publisher(bind=TCP, ctx=ctx, name="p2") as p2,
+        Subscriber(connect=p1.endpoints, topics=["t"], ctx=ctx) as sub,
+    ):
+        p1.wait_for_subscribers(timeout=5)
+        with _Reader(sub, 1) as reader:  # connect() later; the SUB works inside calls
+            sub.connect(p2.endpoints[0])
+            p2.wait_for_subscribers(timeout=5)
+            p2.publish("t", b"first from p2")
+            assert reader.result() == [b"first from p2"]
+        for i in range(3):
+            p1.publish("t", b"p1-%d" % i)
+            p2.publish("t", b"p2-%d" % i)
+        got = sorted(sub.recv(timeout=5).body for _ in range(6))
+        assert got == [b"p1-0", b"p1-1", b"p1-2", b"p2-0", b"p2-1", b"p2-2"]
+        assert sub.gaps == {}
+        sub.disconnect(p2.endpoints[0])
+        with pytest.raises(Timeout):
+            sub.recv(timeout=0.3)  # libzmq finishes the disconnect inside a call
+        wait_until(lambda: p2.subscriptions() == 0, what="p2 losing its subscriber")
+        with pytest.raises(LocalProtocolError, match="not connected"):
+            sub.disconnect(p2.endpoints[0])
+
+
 def test_recv_timeout(ctx: Ctx) -> None:
     with (
         Publisher(bind=TCP, ctx=ctx) as pub,

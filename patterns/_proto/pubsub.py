@@ -116,9 +116,12 @@ class SubscriptionTracker:
 
     def count(self, topic: bytes | None = None) -> int:
         """Live subscriptions; with `topic`, only those whose prefix matches it."""
+        # list() copies in one step under the GIL, so another thread may read the
+        # count (a forwarder's, say) while the loop that owns it updates it.
+        items = list(self.counts.items())
         if topic is None:
-            return sum(self.counts.values())
-        return sum(n for prefix, n in self.counts.items() if topic.startswith(prefix))
+            return sum(n for _, n in items)
+        return sum(n for prefix, n in items if topic.startswith(prefix))
 
 
 class LastValueCache:
