@@ -15,6 +15,7 @@ _COLUMNS = (
     ("policy", "policy"),
     ("transport", "transport"),
     ("raw_mode", "raw side"),
+    ("batch", "batch"),
     ("count", "count"),
     ("size", "size"),
     ("zmqmesh_msgs_per_s", "zmqmesh msg/s"),
@@ -62,6 +63,8 @@ def _runner(module: Any) -> Any:
 
 
 def _fmt(value: Any) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
     if isinstance(value, float):
         return f"{value:,.3f}" if value < 10 else f"{value:,.0f}"
     if isinstance(value, int):
