@@ -12,6 +12,7 @@ even while a batch timer flushes between them. Re-exported by
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -164,6 +165,7 @@ class _AsyncReceiver(_AsyncEnd):
     """Receiving with awaits, shared by `AsyncPuller`, `AsyncRouter` and `AsyncDealer`."""
 
     _machine: PullMachine
+    _ready: collections.deque[Message]
 
     @staticmethod
     def _read(sock: Any, m: PullMachine, flags: int) -> Message | None:
@@ -171,11 +173,12 @@ class _AsyncReceiver(_AsyncEnd):
 
     async def recv(self, timeout: float | None = None) -> Message:
         """The next message; `Timeout` when none came within `timeout` seconds."""
+        ready = self._ready
+        while ready:  # messages unpacked from a batch
+            unpacked = ready.popleft()
+            if not unpacked.header.ttl_ms or not self._machine.expired(unpacked):
+                return unpacked
         m = self._machine
-        if m.ready:
-            msg = m.pop()
-            if msg is not None:
-                return msg
         link = self._link
         sock: Any = link.sock  # a zmq.asyncio.Socket: awaitable poll()
         read = self._read
@@ -423,6 +426,7 @@ class AsyncPuller(_AsyncReceiver):
     ) -> None:
         self._what = f"puller {name}"
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, component=name)
+        self._ready = self._machine.ready
         self.metrics = self._machine.metrics
         self._link = Link(
             ctx or zmq.asyncio.Context.instance(),
@@ -467,6 +471,7 @@ class AsyncRouter(_AsyncSender, _AsyncReceiver):
         )
         self.metrics = self._core.metrics
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, metrics=self.metrics)
+        self._ready = self._machine.ready
         self._link = Link(
             ctx or zmq.asyncio.Context.instance(),
             zmq.ROUTER,
@@ -529,6 +534,7 @@ class AsyncDealer(_AsyncSender, _AsyncReceiver):
         )
         self.metrics = self._core.metrics
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, metrics=self.metrics)
+        self._ready = self._machine.ready
         self._link = Link(
             ctx or zmq.asyncio.Context.instance(),
             zmq.DEALER,

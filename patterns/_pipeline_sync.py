@@ -10,6 +10,7 @@ these objects are used from one thread. Re-exported by `patterns.pipeline`.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Iterator
 from typing import Any, Final, TypeVar
@@ -154,6 +155,7 @@ class _Receiver(_End):
     """Receiving with waits, shared by `Puller`, `Router` and `Dealer`."""
 
     _machine: PullMachine
+    _ready: collections.deque[Message]
 
     @staticmethod
     def _read(sock: Any, m: PullMachine, flags: int) -> Message | None:
@@ -161,11 +163,12 @@ class _Receiver(_End):
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next message; `Timeout` when none came within `timeout` seconds."""
+        ready = self._ready
+        while ready:  # messages unpacked from a batch
+            unpacked = ready.popleft()
+            if not unpacked.header.ttl_ms or not self._machine.expired(unpacked):
+                return unpacked
         m = self._machine
-        if m.ready:
-            msg = m.pop()
-            if msg is not None:
-                return msg
         link = self._link
         if timeout is None and link.source is None:
             # The hot path: a plain blocking read, no poll, no clock.
@@ -294,8 +297,9 @@ class Pusher(_Sender):
         self._limit = core.limit
         self._mint = core.machine.header
         self._add = core.machine.add
-        self._item_max = core.machine.item_max if batch else -1
-        self._clock = clock
+        self._batching = batch
+        self._item_max = core.machine.item_max
+        self._plain = source is None and clock is None
         self._source = source
 
     @property
@@ -312,16 +316,14 @@ class Pusher(_Sender):
         ttl: float | None = None,
     ) -> None:
         """Send one message (see the class docstring for bodies, waiting and batching)."""
-        if self._source is not None:
-            self._link.tick()
-        if self._item_max >= 0:  # batching
-            if type(body) is bytes and len(body) <= self._item_max:
+        if self._batching:
+            if self._plain and type(body) is bytes and len(body) <= self._item_max:
+                # Batching's hot path: `now` comes from the created-at clock read.
                 created = _time_ns()
-                clock = self._clock
                 verdict = self._add(
                     body,
                     created,
-                    created * 1e-9 if clock is None else clock.now(),
+                    created * 1e-9,
                     headers,
                     priority,
                     0 if ttl is None else ttl_ms(ttl),
@@ -331,10 +333,14 @@ class Pusher(_Sender):
                 if verdict == SEND:
                     self._send_out(self._core.batch_take())
                     return
+            if self._source is not None:
+                self._link.tick()
             outs = self._core.batch_add(body, headers, priority, ttl)
             if outs:
                 self._send_out(outs)
             return
+        if self._source is not None:
+            self._link.tick()
         if type(body) is bytes:
             frame = body
             if len(frame) > self._limit:
@@ -435,6 +441,7 @@ class Puller(_Receiver):
     ) -> None:
         self._what = f"puller {name}"
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, component=name)
+        self._ready = self._machine.ready
         self.metrics = self._machine.metrics
         self._link = Link(
             ctx or zmq.Context.instance(),
@@ -486,6 +493,7 @@ class Router(_Sender, _Receiver):
         )
         self.metrics = self._core.metrics
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, metrics=self.metrics)
+        self._ready = self._machine.ready
         self._link = Link(
             ctx or zmq.Context.instance(),
             zmq.ROUTER,
@@ -552,6 +560,7 @@ class Dealer(_Sender, _Receiver):
         )
         self.metrics = self._core.metrics
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, metrics=self.metrics)
+        self._ready = self._machine.ready
         self._link = Link(
             ctx or zmq.Context.instance(),
             zmq.DEALER,

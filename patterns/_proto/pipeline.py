@@ -158,7 +158,7 @@ class PushMachine:
         self.metrics = metrics if metrics is not None else Metrics(name)
         for key in _SEND_COUNTERS:
             self.metrics.counters.setdefault(key, 0)
-        self._items: list[tuple[Data, bytes]] = []
+        self._items: list[tuple[tuple[Any, ...], bytes]] = []
         self._bytes = 0
         self._first = 0.0
         self._due = 0.0
@@ -199,9 +199,11 @@ class PushMachine:
         seq = self.seq = self.seq + 1
         # A caller's headers dict is copied: the batch keeps it until the flush.
         headers = dict(headers) if headers else _NO_HEADERS
+        # A tuple laid out as an array-like tagged Data ([tag, version, fields...])
+        # encodes exactly as Data does, for a third of the cost of building one.
         items.append(
             (
-                Data(1, self.sender, seq, created_ns, headers, priority, 1, b"", "", ttl_ms, 0, 1),
+                (0, 1, self.sender, seq, created_ns, headers, priority, 1, b"", "", ttl_ms, 0, 1),
                 body,
             )
         )
@@ -340,16 +342,11 @@ class PullMachine:
             )
             return None
         # The batch header's version stands for its items: one sender wrote them all.
-        ready = self.ready
-        append = ready.append
-        nbytes = 0
-        for data, body in items:
-            nbytes += len(body)
-            append(Message(data, [body], b"", peer))
+        self.ready.extend([Message(data, [body], b"", peer) for data, body in items])
         c = self.counters
         c["batches_in"] += 1
         c["messages_in"] += len(items)
-        c["bytes_in"] += nbytes
+        c["bytes_in"] += sum([len(body) for _, body in items])
         return self.pop()
 
     def pop(self) -> Message | None:
@@ -357,14 +354,19 @@ class PullMachine:
         ready = self.ready
         while ready:
             msg = ready.popleft()
-            header = msg.header
-            if header.ttl_ms and header.expired(self._wall_ns()):
-                c = self.counters
-                c["expired"] += 1
-                c["messages_in"] -= 1
+            if msg.header.ttl_ms and self.expired(msg):
                 continue
             return msg
         return None
+
+    def expired(self, msg: Message) -> bool:
+        """True (and counted) when a message from `ready` outlived its TTL while it waited."""
+        if msg.header.expired(self._wall_ns()):
+            c = self.counters
+            c["expired"] += 1
+            c["messages_in"] -= 1
+            return True
+        return False
 
     def bad_header(self, frame: bytes, exc: Exception, peer: bytes = b"") -> None:
         """A header frame that did not decode: find out why, count and log once."""

@@ -10,10 +10,13 @@ one spawned process (inproc, which cannot cross processes).
   puller unpacks batches transparently).
 - raw: plain pyzmq PUSH -> PULL with one frame per message and no envelope:
   `send(body)` in a loop and `recv()` in a loop, copying (faster than
-  `copy=False` for frames this small), HWMs as zmqmesh's. `--raw cython`
-  calls the Cython methods of `zmq.backend.Socket` directly instead of
-  pyzmq's Python wrappers, as zmqmesh's own hot path does: the fastest
-  pyzmq way there is, for comparison.
+  `copy=False` for frames this small), HWMs as zmqmesh's. `--raw` picks
+  other raw sides for comparison: `frames` sends zmqmesh's wire shape with
+  plain pyzmq (a 32-byte frame then the body, `send` with SNDMORE, the
+  receiver checking `Frame.more` at the first frame): what a two-frame
+  envelope costs in pyzmq before any envelope work; `cython` sends one frame
+  through the Cython methods of `zmq.backend.Socket`, skipping pyzmq's
+  Python wrappers as zmqmesh's own hot path does.
 
 Timing runs from the pusher's first send (once a connection is up) to the
 puller's last receive; CLOCK_MONOTONIC is one clock for every process of
@@ -38,7 +41,7 @@ NAME = "pipeline"
 HELP = "Pusher -> Puller vs raw pyzmq PUSH -> PULL (one frame per message)"
 
 _HWM: Final = 10_000
-_RAW_MODES: Final = ("api", "cython")
+_RAW_MODES: Final = ("api", "frames", "cython")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,8 +60,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--raw",
         choices=_RAW_MODES,
         default="api",
-        help="how the raw side calls pyzmq: api (sock.send/recv, default) or cython "
-        "(zmq.backend.Socket methods, as zmqmesh does)",
+        help="the raw side: api (one frame, sock.send/recv; default), frames (two frames, "
+        "zmqmesh's wire shape) or cython (one frame, zmq.backend.Socket methods)",
     )
 
 
@@ -128,7 +131,7 @@ def _get(results: Any, timeout: float, what: str) -> Any:
 
 
 def _rate(count: int, reports: list[Any]) -> float:
-    times = {kind: t for kind, t in reports}
+    times: dict[str, float] = {kind: t for kind, t in reports}
     return count / (times["end"] - times["start"])
 
 
@@ -259,6 +262,13 @@ def _raw_pusher(
             send = zmq.backend.Socket.send
             for _ in range(count):
                 send(sock, body)
+        elif raw_mode == "frames":
+            head = b"h" * 32
+            more = zmq.SNDMORE
+            send = sock.send
+            for _ in range(count):
+                send(head, more)
+                send(body)
         else:
             send = sock.send
             for _ in range(count):
@@ -284,6 +294,12 @@ def _raw_puller(ctx: Any, endpoint: str, count: int, raw_mode: str, report: Any)
             recv = zmq.backend.Socket.recv
             for _ in range(count):
                 recv(sock)
+        elif raw_mode == "frames":
+            recv = sock.recv
+            for _ in range(count):
+                if not recv(copy=False).more:
+                    raise RuntimeError("a message without its body frame")
+                recv()
         else:
             recv = sock.recv
             for _ in range(count):
