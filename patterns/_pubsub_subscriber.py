@@ -86,7 +86,7 @@ class _SubscriberCore:
         *,
         connect: str | Sequence[str] | None,
         bind: str | Sequence[str] | None,
-        topics: Iterable[str | bytes],
+        topics: str | bytes | Iterable[str | bytes],
         source: EndpointSource | None,
         curve: CurveOptions | None,
         hwm: int,
@@ -98,7 +98,10 @@ class _SubscriberCore:
         binds, connects = endpoints(bind), endpoints(connect)
         if not binds and not connects and source is None:
             raise LocalProtocolError(f"subscriber {name} needs connect=, bind= or source=")
-        prefixes = [topic_bytes(t) for t in ([topics] if isinstance(topics, str) else topics)]
+        if isinstance(topics, str | bytes):
+            prefixes = [topic_bytes(topics)]
+        else:
+            prefixes = [topic_bytes(t) for t in topics]
         self.name = name
         self.machine = SubscriberMachine(
             name=name, on_gap=on_gap, max_streams=max_streams, max_message_size=max_message_size
@@ -245,7 +248,7 @@ class Subscriber(_Common):
         *,
         connect: str | Sequence[str] | None = None,
         bind: str | Sequence[str] | None = None,
-        topics: Iterable[str | bytes] = (),
+        topics: str | bytes | Iterable[str | bytes] = (),
         source: EndpointSource | None = None,
         on_gap: GapCallback | None = None,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
@@ -352,7 +355,7 @@ class AsyncSubscriber(_Common):
         *,
         connect: str | Sequence[str] | None = None,
         bind: str | Sequence[str] | None = None,
-        topics: Iterable[str | bytes] = (),
+        topics: str | bytes | Iterable[str | bytes] = (),
         source: EndpointSource | None = None,
         on_gap: GapCallback | None = None,
         ctx: zmq.asyncio.Context | None = None,
