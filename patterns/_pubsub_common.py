@@ -117,6 +117,17 @@ def recv_error(exc: zmq.ZMQError, what: str) -> MeshError:
     return TransportError(f"{what}: {exc.strerror}")
 
 
+def peer_address(frame: object) -> str:
+    """The sending peer's address from a received zmq.Frame (tcp), or ""."""
+    get = getattr(frame, "get", None)
+    if get is None:
+        return ""
+    try:
+        return str(get("Peer-Address"))
+    except (zmq.ZMQError, TypeError, ValueError):
+        return ""
+
+
 class Peers:
     """Follows an `EndpointSource`: connects to added peers, disconnects removed ones."""
 

@@ -32,7 +32,15 @@ from zmqmesh import (
 )
 
 from ._proto.pubsub import ForwarderMachine
-from ._pubsub_common import SOURCE_POLL, Peers, attach, close_guarded, endpoints, guarded_socket
+from ._pubsub_common import (
+    SOURCE_POLL,
+    Peers,
+    attach,
+    close_guarded,
+    endpoints,
+    guarded_socket,
+    peer_address,
+)
 
 __all__ = ["AsyncForwarder", "Forwarder"]
 
@@ -133,7 +141,9 @@ class _ForwarderCore:
                 size += len(frame)
             moved += 1
             if size > limit:
-                m.oversized(frames[0].bytes, size, self.max_message_size or 0)
+                m.oversized(
+                    frames[0].bytes, size, self.max_message_size or 0, peer_address(frames[0])
+                )
                 continue
             # XPUB never blocks (a full subscriber misses the message, as with PUB);
             # that subscriber sees it as a gap.

@@ -36,6 +36,7 @@ from ._pubsub_common import (
     close_guarded,
     endpoints,
     guarded_socket,
+    peer_address,
     recv_error,
     topic_bytes,
 )
@@ -67,7 +68,7 @@ def _read(recv: Callable[..., Any], machine: SubscriberMachine, flags: int = 0) 
         machine.truncated(1)
         return None
     if not header.more:
-        machine.truncated(2)
+        machine.truncated(2, header)
         return None
     frame = recv(0, False)
     body = [frame.bytes]
@@ -104,7 +105,11 @@ class _SubscriberCore:
             prefixes = [topic_bytes(t) for t in topics]
         self.name = name
         self.machine = SubscriberMachine(
-            name=name, on_gap=on_gap, max_streams=max_streams, max_message_size=max_message_size
+            name=name,
+            on_gap=on_gap,
+            max_streams=max_streams,
+            max_message_size=max_message_size,
+            peer_of=peer_address,
         )
         # libzmq's MAXMSGSIZE cuts the connection of a peer that goes over it, as a
         # protocol error, and a connecting socket does not reconnect after one: one

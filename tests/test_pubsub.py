@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Iterator
 
@@ -434,9 +435,10 @@ def test_publisher_follows_an_endpoint_source(ctx: Ctx) -> None:
 
 
 def test_bad_input_is_counted_and_the_subscriber_keeps_working(
-    ctx: Ctx, raw_pub: tuple[zmq.Socket[bytes], str]
+    ctx: Ctx, raw_pub: tuple[zmq.Socket[bytes], str], caplog: pytest.LogCaptureFixture
 ) -> None:
     sock, endpoint = raw_pub
+    caplog.set_level(logging.WARNING, logger="zmqmesh.pubsub")
     with Subscriber(connect=endpoint, topics=["t"], ctx=ctx) as sub:
         _subscribed(sock)
         newer = msgspec.msgpack.encode([0, PROTOCOL_VERSION + 1, b"S" * 8, 1, 0])
@@ -460,6 +462,9 @@ def test_bad_input_is_counted_and_the_subscriber_keeps_working(
         sock.send_multipart([b"t", _data(b"S" * 8, 3), b"still good"])
         assert sub.recv(timeout=5).body == b"still good"
         assert sub.gaps == {}
+    logged = [r.getMessage() for r in caplog.records]
+    assert any("not msgpack" in m and "from 127.0.0.1" in m for m in logged), logged
+    assert any("unknown protocol version" in m for m in logged)
 
 
 def test_usage_errors(ctx: Ctx) -> None:

@@ -268,6 +268,7 @@ class SubscriberMachine:
         "metrics",
         "name",
         "on_gap",
+        "peer_of",
         "prefixes",
     )
 
@@ -278,11 +279,13 @@ class SubscriberMachine:
         on_gap: GapCallback | None = None,
         max_streams: int = DEFAULT_MAX_STREAMS,
         max_message_size: int | None = None,
+        peer_of: Callable[[object], str] | None = None,
     ) -> None:
         if max_streams < 2:
             raise ValueError(f"max_streams must be >= 2, got {max_streams}")
         self.name = name
         self.on_gap = on_gap
+        self.peer_of = peer_of
         self.max_streams = max_streams
         # Checked here as well as (where it is safe) by libzmq's MAXMSGSIZE; see
         # the Subscriber driver for why a connecting SUB cannot leave it to libzmq.
@@ -342,9 +345,12 @@ class SubscriberMachine:
             return None
         return self.accept(frames[0], frames[1], frames[2:])
 
-    def truncated(self, nframes: int) -> None:
-        """Count a message too short to be `[topic, header, body...]`."""
-        self._garbage(b"truncated", f"a truncated message of {nframes} frame(s)")
+    def truncated(self, nframes: int, frame: object = None) -> None:
+        """Count a message too short to be `[topic, header, body...]`.
+
+        `frame`, one of its frames if the driver has one, may tell the peer.
+        """
+        self._garbage(b"truncated", f"a truncated message of {nframes} frame(s)", frame)
 
     def accept(self, topic: bytes, header_frame: bytes, body: list[bytes]) -> Message | None:
         """Check one message already split into its parts (the hot path: keep it lean).
@@ -388,7 +394,9 @@ class SubscriberMachine:
         except RemoteProtocolError as exc:
             return self._resync(topic, header_frame, body, str(exc))
         self._garbage(
-            b"kind", f"a message on topic {topic!r} with a {type(header).__name__} header"
+            b"kind",
+            f"a message on topic {topic!r} with a {type(header).__name__} header",
+            header_frame,
         )
         return None
 
@@ -415,10 +423,10 @@ class SubscriberMachine:
                 pass
             else:
                 if type(header) is Data:
-                    self.truncated(1)
+                    self.truncated(1, header_frame)
                     return self.accept(bytes(memoryview(header_frame)), body[0], body[1:])
         kind = b"version" if "protocol version" in reason else b"header"
-        self._garbage(kind, f"a message on topic {first!r}: {reason}")
+        self._garbage(kind, f"a message on topic {first!r}: {reason}", header_frame)
         return None
 
     def _gap(self, gap: Gap) -> None:
@@ -443,13 +451,16 @@ class SubscriberMachine:
                 self._c["callback_errors"] = self._c.get("callback_errors", 0) + 1
                 log.exception("subscriber %s: the on_gap callback raised", self.name)
 
-    def _garbage(self, kind: bytes, reason: str) -> None:
+    def _garbage(self, kind: bytes, reason: str, frame: object = None) -> None:
         self._c["decode_errors"] += 1
-        # A SUB socket does not say which publisher sent a message, so "once per
-        # peer" is once per kind of fault per subscriber.
+        # A SUB socket does not say which publisher sent a message; the driver's
+        # peer_of may read the peer's address off a received frame (tcp). Logged
+        # once per kind of fault and peer address.
+        peer = self.peer_of(frame) if frame is not None and self.peer_of is not None else ""
+        where = f" from {peer}" if peer else ""
         self._log_once(
-            kind,
-            f"subscriber {self.name}: dropped {reason}; check that every publisher "
+            kind + b"@" + peer.encode(),
+            f"subscriber {self.name}: dropped {reason}{where}; check that every publisher "
             "on this endpoint speaks the zmqmesh pub/sub envelope of the same version",
         )
 
@@ -499,14 +510,15 @@ class ForwarderMachine:
         c["bytes_in"] += nbytes
         self._oversized_pending = 0
 
-    def oversized(self, topic: bytes, size: int, limit: int) -> None:
-        """Count (and log once) a message dropped for being over the size limit."""
+    def oversized(self, topic: bytes, size: int, limit: int, peer: str = "") -> None:
+        """Count (and log once per peer) a message dropped for being over the size limit."""
         self._c["oversized"] += 1
         self._oversized_pending += 1
+        where = f" from {peer}" if peer else ""
         self._log_once(
-            b"oversized",
-            f"forwarder {self.name}: dropped a message of {size} bytes on topic {topic!r}: "
-            f"over max_message_size={limit}",
+            b"oversized@" + peer.encode(),
+            f"forwarder {self.name}: dropped a message of {size} bytes on topic {topic!r}"
+            f"{where}: over max_message_size={limit}",
         )
 
     def upstream(self, frames: list[bytes]) -> list[list[bytes]]:
