@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
+import selectors
 import threading
 import time
 from collections.abc import Sequence
@@ -312,21 +312,32 @@ class Publisher:
         # ZMQ_FD is edge-triggered and a send on the user's thread can consume the
         # edge of a subscription that arrived meanwhile: the timeout bounds that wait.
         assert self._cond is not None
-        timeout = SERVICE_POLL
         next_drain = 0.0
-        while True:
-            ready, _, _ = select.select([self._fd, self._wake_r], [], [], timeout)
-            if self._wake_r in ready:
-                return
-            with self._cond:
-                if self._closed:
+        with selectors.DefaultSelector() as selector:
+            selector.register(self._fd, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while True:
+                ready = selector.select(SERVICE_POLL)
+                if any(key.fd == self._wake_r for key, _ in ready):
                     return
                 now = time.monotonic()
-                if self._peers.source is not None and now >= next_drain:
+                drain = self._peers.source is not None and now >= next_drain
+                if drain:
                     next_drain = now + SOURCE_POLL
-                    self._peers.apply(self._sock)
-                if self._process_events():
-                    self._cond.notify_all()
+                if not self._serve_once(drain):
+                    return
+
+    def _serve_once(self, drain_source: bool) -> bool:
+        """One pass of the service thread; False once the publisher is closed."""
+        assert self._cond is not None
+        with self._cond:
+            if self._closed:
+                return False
+            if drain_source:
+                self._peers.apply(self._sock)
+            if self._process_events():
+                self._cond.notify_all()
+        return True
 
     # -------------------------------------------------------------------- close
 
