@@ -435,6 +435,8 @@ class SubscriberMachine:
         c["messages_missed"] += gap.missed
         self.gaps[gap.sender] = self.gaps.get(gap.sender, 0) + gap.missed
         if gap.sender not in self._logged_senders:
+            if len(self._logged_senders) >= 4096:
+                self._logged_senders.clear()  # bounded: a sender may be logged again
             self._logged_senders.add(gap.sender)
             log.info(
                 "subscriber %s: missed %d message(s) from publisher %s on topic %r "
