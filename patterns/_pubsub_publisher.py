@@ -100,6 +100,31 @@ def _xpub(
     return sock, bound, guard
 
 
+def _serve_events(sock: zmq.Socket[Any], machine: PublisherMachine) -> int:
+    """Read the waiting subscription events, send the replays; how many events there were."""
+    seen = 0
+    while True:
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return seen
+        except zmq.ZMQError:
+            return seen  # closed under us; the next call reports it
+        seen += 1
+        replays = machine.subscription(frames)
+        if replays:
+            sent = 0
+            for replay in replays:
+                try:
+                    # Never wait on a replay: a full subscriber misses it, as it would
+                    # miss a live message, and sees the gap.
+                    sock.send_multipart(replay, zmq.NOBLOCK)
+                    sent += 1
+                except zmq.Again:
+                    pass
+            machine.replayed(sent, len(replays) - sent)
+
+
 def _no_subscribers(name: str, have: int, n: int, topic: bytes | None, timeout: float) -> Timeout:
     what = f"subscription(s) matching {topic!r}" if topic is not None else "subscription(s)"
     return Timeout(
@@ -148,7 +173,6 @@ class Publisher:
         self._m = PublisherMachine(last_value=last_value, name=name)
         self.metrics = self._m.metrics
         self.metrics.counters["messages_dropped"] = 0
-        self.metrics.counters["replays_dropped"] = 0
         self._sock, self.endpoints, self._guard = _xpub(
             ctx or zmq.Context.instance(),
             bind=bind,
@@ -267,32 +291,7 @@ class Publisher:
 
     def _process_events(self) -> int:
         """Read waiting subscription events and send the replays (caller holds the lock)."""
-        sock = self._sock
-        m = self._m
-        seen = 0
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return seen
-            except zmq.ZMQError:
-                return seen  # closed under us; close() reports it to callers
-            seen += 1
-            replays = m.subscription(frames)
-            if replays:
-                self._replay(replays)
-
-    def _replay(self, replays: list[list[bytes]]) -> None:
-        sent = 0
-        for frames in replays:
-            try:
-                # Never block the event loop on a replay: a full subscriber misses it
-                # and gets the next one.
-                self._sock.send_multipart(frames, zmq.NOBLOCK)
-                sent += 1
-            except zmq.Again:
-                self.metrics.counters["replays_dropped"] += 1
-        self._m.replayed(sent)
+        return _serve_events(self._sock, self._m)
 
     # --------------------------------------------------- background subscriptions
 
@@ -396,7 +395,6 @@ class AsyncPublisher:
         self._m = PublisherMachine(last_value=last_value, name=name)
         self.metrics = self._m.metrics
         self.metrics.counters["messages_dropped"] = 0
-        self.metrics.counters["replays_dropped"] = 0
         self._sock, self.endpoints, self._guard = _xpub(
             ctx or zmq.asyncio.Context.instance(),
             bind=bind,
@@ -504,27 +502,7 @@ class AsyncPublisher:
                 await asyncio.wait_for(changed.wait(), min(left, SERVICE_POLL * 4))
 
     def _process_events(self) -> int:
-        plain = self._plain
-        m = self._m
-        seen = 0
-        while True:
-            try:
-                frames = plain.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except zmq.ZMQError:
-                break
-            seen += 1
-            replays = m.subscription(frames)
-            if replays:
-                sent = 0
-                for replay in replays:
-                    try:
-                        plain.send_multipart(replay, zmq.NOBLOCK)
-                        sent += 1
-                    except zmq.Again:
-                        self.metrics.counters["replays_dropped"] += 1
-                m.replayed(sent)
+        seen = _serve_events(self._plain, self._m)
         if seen and self._changed is not None:
             self._changed.set()
             self._changed = asyncio.Event()

@@ -170,7 +170,14 @@ class PublisherMachine:
         self.seq = 0  # messages published, all topics (the message-id counter)
         self.metrics = Metrics(name)
         self._c = c = self.metrics.counters
-        for key in ("messages_out", "bytes_out", "subscribes", "unsubscribes", "replays_out"):
+        for key in (
+            "messages_out",
+            "bytes_out",
+            "subscribes",
+            "unsubscribes",
+            "replays_out",
+            "replays_dropped",
+        ):
             c[key] = 0
         self._topic_seqs: dict[bytes, int] = {}
         self.cache: LastValueCache | None = LastValueCache() if last_value else None
@@ -231,9 +238,10 @@ class PublisherMachine:
         self._c["subscribes"] += 1
         return self.cache.matching(prefix) if self.cache is not None else []
 
-    def replayed(self, n: int) -> None:
-        """Count `n` last values sent again."""
-        self._c["replays_out"] += n
+    def replayed(self, sent: int, dropped: int = 0) -> None:
+        """Count last values sent again (and those a full subscriber queue refused)."""
+        self._c["replays_out"] += sent
+        self._c["replays_dropped"] += dropped
 
 
 class Gap(NamedTuple):
