@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import pytest
 import zmq
@@ -25,7 +26,7 @@ from zmqmesh.testing import async_wait_until, wait_until
 
 HB = 0.1  # short heartbeats keep failure tests fast
 LIVENESS = 3
-FAST = {"heartbeat": HB, "liveness": LIVENESS}
+FAST: dict[str, Any] = {"heartbeat": HB, "liveness": LIVENESS}
 FAST_BACKOFF = Backoff(0.05, 0.2)
 ANY = "tcp://127.0.0.1:*"
 READY = b"\x01"
@@ -51,10 +52,9 @@ def idle_workers(queue: Queue | AsyncQueue, n: int) -> bool:
     return queue.metrics.gauges.get("workers_idle", 0) >= n
 
 
-def client_for(queue: Queue, ctx: zmq.Context[zmq.Socket[bytes]], **kw: float) -> Client:
-    """A `patterns.reqrep.Client` on the queue's frontend (one retry-free 5 s attempt)."""
-    opts = {"timeout": 5.0, "retries": 0, **kw}
-    return Client(connect=queue.frontend_endpoints[0], ctx=ctx, **opts)  # type: ignore[arg-type]
+def client_for(queue: Queue, ctx: zmq.Context[zmq.Socket[bytes]], timeout: float = 5.0) -> Client:
+    """A `patterns.reqrep.Client` on the queue's frontend (one attempt, no retries)."""
+    return Client(connect=queue.frontend_endpoints[0], ctx=ctx, timeout=timeout, retries=0)
 
 
 # ------------------------------------------------------------ round trips
@@ -62,7 +62,7 @@ def client_for(queue: Queue, ctx: zmq.Context[zmq.Socket[bytes]], **kw: float) -
 
 @pytest.mark.timeout(20)
 def test_requests_through_queue_and_two_workers(ctx) -> None:
-    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:  # type: ignore[arg-type]
+    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:
         seen: list[str] = []
 
         def tagged(name: str):
@@ -89,7 +89,7 @@ def test_requests_through_queue_and_two_workers(ctx) -> None:
 @pytest.mark.timeout(20)
 def test_plain_req_client_gets_the_raw_body(ctx) -> None:
     with (
-        Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,  # type: ignore[arg-type]
+        Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,
         Worker(connect=queue.backend_endpoints[0], handler=upper, ctx=ctx, **FAST).start(),
     ):
         req = ctx.socket(zmq.REQ)
@@ -111,7 +111,7 @@ def test_handler_that_raises_gives_an_error_reply_and_worker_keeps_serving(ctx) 
         return b"fine"
 
     with (
-        Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,  # type: ignore[arg-type]
+        Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,
         Worker(connect=queue.backend_endpoints[0], handler=picky, ctx=ctx, **FAST).start() as w,
         client_for(queue, ctx) as client,
     ):
@@ -128,7 +128,7 @@ def test_blocking_worker_runs_a_coroutine_handler(ctx) -> None:
         return b"async:" + message.body
 
     with (
-        Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,  # type: ignore[arg-type]
+        Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,
         Worker(connect=queue.backend_endpoints[0], handler=handle, ctx=ctx, **FAST).start(),
         client_for(queue, ctx) as client,
     ):
@@ -148,7 +148,7 @@ async def test_async_queue_async_worker_and_many_requests_in_flight() -> None:
             return message.body.decode()[::-1]
 
         async with (
-            AsyncQueue(frontend=ANY, backend=ANY, ctx=actx, **FAST).start() as queue,  # type: ignore[arg-type]
+            AsyncQueue(frontend=ANY, backend=ANY, ctx=actx, **FAST).start() as queue,
             AsyncWorker(
                 connect=queue.backend_endpoints[0], handler=handle, ctx=actx, **FAST
             ).start(),  # fmt: skip
@@ -181,7 +181,7 @@ def test_stuck_worker_stops_heartbeating_and_its_request_is_redispatched(ctx) ->
         release.wait(30)  # blocks "forever" (until the test is done)
         return b"too late"
 
-    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:  # type: ignore[arg-type]
+    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:
         backend = queue.backend_endpoints[0]
         bad = Worker(connect=backend, handler=stuck, ctx=ctx, **FAST).start()
         good = Worker(connect=backend, handler=upper, ctx=ctx, **FAST)
@@ -214,7 +214,7 @@ def test_killed_worker_process_request_finishes_elsewhere_in_time(ctx) -> None:
         "    threading.Event().wait()\n"
         f"Worker(connect=sys.argv[1], handler=hang, heartbeat={HB}, liveness={LIVENESS}).run()\n"
     )
-    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:  # type: ignore[arg-type]
+    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:
         backend = queue.backend_endpoints[0]
         doomed = subprocess.Popen([sys.executable, "-c", script, backend], stdout=subprocess.PIPE)
         try:
@@ -245,7 +245,7 @@ def test_garbage_worker_is_dropped_and_logged_once_queue_keeps_serving(
     ctx, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING, logger="zmqmesh.pirate.queue")
-    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:  # type: ignore[arg-type]
+    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:
         rogue = ctx.socket(zmq.DEALER)
         rogue.linger = 0
         rogue.identity = b"rogue"
@@ -286,7 +286,7 @@ def test_max_attempts_dead_letters_with_reason_and_error_reply(ctx) -> None:
             dead_letters=sink,
             name="jobs",
             **FAST,
-        ).start() as queue,  # type: ignore[arg-type]  # fmt: skip
+        ).start() as queue,  # fmt: skip
         client_for(queue, ctx) as client,
         concurrent.futures.ThreadPoolExecutor(1) as pool,
     ):
@@ -328,7 +328,7 @@ async def test_priority_ordering_under_a_backlog() -> None:
 
     actx = zmq.asyncio.Context()
     sctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    queue = Queue(frontend=ANY, backend=ANY, ctx=sctx, aging=60.0, **FAST).start()  # type: ignore[arg-type]
+    queue = Queue(frontend=ANY, backend=ANY, ctx=sctx, aging=60.0, **FAST).start()
     try:
         async with AsyncClient(connect=queue.frontend_endpoints[0], ctx=actx, timeout=10.0,
                                retries=0) as client:  # fmt: skip
@@ -353,7 +353,7 @@ async def test_priority_ordering_under_a_backlog() -> None:
 @pytest.mark.timeout(20)
 def test_request_ttl_while_waiting_is_dead_lettered(ctx) -> None:
     with (
-        Queue(frontend=ANY, backend=ANY, ctx=ctx, request_ttl=0.2, **FAST).start() as queue,  # type: ignore[arg-type]
+        Queue(frontend=ANY, backend=ANY, ctx=ctx, request_ttl=0.2, **FAST).start() as queue,
         client_for(queue, ctx) as client,
     ):
         with pytest.raises(RemoteError, match=r"TTL of 0\.2 s expired"):
@@ -363,7 +363,7 @@ def test_request_ttl_while_waiting_is_dead_lettered(ctx) -> None:
 
 @pytest.mark.timeout(30)
 def test_worker_reconnects_with_fresh_identity_after_queue_restart(ctx) -> None:
-    first = Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start()  # type: ignore[arg-type]
+    first = Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start()
     frontend, backend = first.frontend_endpoints[0], first.backend_endpoints[0]
     worker = Worker(connect=backend, handler=upper, ctx=ctx, backoff=FAST_BACKOFF, **FAST)
     with worker.start():
@@ -375,7 +375,7 @@ def test_worker_reconnects_with_fresh_identity_after_queue_restart(ctx) -> None:
         def rebind() -> bool:
             # The closed listener is released by libzmq's I/O thread a moment later.
             try:
-                restarted.append(Queue(frontend=frontend, backend=backend, ctx=ctx, **FAST))  # type: ignore[arg-type]
+                restarted.append(Queue(frontend=frontend, backend=backend, ctx=ctx, **FAST))
             except ConnectError:
                 return False
             return True
@@ -393,7 +393,7 @@ def test_worker_reconnects_with_fresh_identity_after_queue_restart(ctx) -> None:
 def test_worker_follows_an_endpoint_source(ctx) -> None:
     peers = StaticPeers()
     with (
-        Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,  # type: ignore[arg-type]
+        Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,
         Worker(source=peers, handler=upper, ctx=ctx, **FAST).start(),
         client_for(queue, ctx) as client,
     ):
@@ -413,7 +413,7 @@ def rfc6_worker(endpoint: str, stop: threading.Event, stats: collections.Counter
     silent for `liveness` intervals means a new socket and READY again.
     """
     interval, liveness = HB, LIVENESS
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     sock = None
     while not stop.is_set():
         if sock is None:
@@ -447,7 +447,7 @@ def rfc6_worker(endpoint: str, stop: threading.Event, stats: collections.Counter
 def rfc6_queue(frontend: str, backend: str, stop: threading.Event, ports: list[str]) -> None:
     """A minimal RFC 6 queue written from the spec: LRU of READY workers, heartbeats both ways."""
     interval, liveness = HB, LIVENESS
-    ctx = zmq.Context.instance()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
     fe, be = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
     fe.linger = be.linger = 0
     ports.append(f"tcp://127.0.0.1:{fe.bind_to_random_port('tcp://127.0.0.1')}")
@@ -485,7 +485,7 @@ def rfc6_queue(frontend: str, backend: str, stop: threading.Event, ports: list[s
 def test_interop_spec_worker_serves_our_queue(ctx) -> None:
     stop = threading.Event()
     stats: collections.Counter[str] = collections.Counter()
-    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:  # type: ignore[arg-type]
+    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:
         thread = threading.Thread(
             target=rfc6_worker, args=(queue.backend_endpoints[0], stop, stats)
         )
@@ -583,7 +583,7 @@ def test_cli_queue_and_echo_worker_answer_a_plain_req_client_exactly(ctx) -> Non
 
 @pytest.mark.timeout(30)
 def test_cli_command_worker_replies_with_stdout_and_errors_on_failure(ctx) -> None:
-    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:  # type: ignore[arg-type]
+    with Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue:
         backend = queue.backend_endpoints[0]
         script = "import sys; d = sys.stdin.read(); sys.exit(3) if d == 'fail' else print(d[::-1])"
         worker = _cli("worker", "--connect", backend, "--heartbeat", "1", "--",
