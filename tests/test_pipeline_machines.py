@@ -48,10 +48,12 @@ def _pull(wall: Wall | None = None) -> PullMachine:
     return PullMachine(name="puller t", wall_ns=wall or Wall())
 
 
-def _decode_batch(frames: list[bytes]) -> tuple[Batch, list[tuple[Data, bytes]]]:
-    header = msgspec.msgpack.decode(frames[0], type=Batch)
-    items = msgspec.msgpack.decode(frames[1], type=list[tuple[Data, bytes]])
-    return header, items
+def _unpack(frames: list[bytes]) -> list[Data]:
+    """A batch's frames unpacked by a puller machine, as headers."""
+    m = _pull()
+    first = m.accept(m.decode(frames[0]), [frames[1]])
+    assert first is not None
+    return [first.header] + [msg.header for msg in m.ready]
 
 
 # --------------------------------------------------------------- PushMachine
@@ -92,14 +94,12 @@ def test_batch_goes_at_max_count_in_order() -> None:
     taken = m.take()
     assert taken is not None
     frames, nbytes = taken
-    header, items = _decode_batch(frames)
-    assert (header.sender, header.count, header.body_frames) == (SENDER, 3, 1)
-    assert [(d.seq, d.created_ns, b) for d, b in items] == [
-        (1, 1, b"a"),
-        (2, 2, b"b"),
-        (3, 3, b"c"),
-    ]
-    assert (items[2][0].headers, items[2][0].priority, items[2][0].ttl_ms) == ({"h": "1"}, 2, 500)
+    header = msgspec.msgpack.decode(frames[0], type=Batch)
+    assert (header.sender, header.count, header.body_frames, header.seq) == (SENDER, 3, 1, 1)
+    got = _unpack(frames)
+    assert [(d.sender, d.seq, d.created_ns) for d in got] == [(SENDER, i, i) for i in (1, 2, 3)]
+    assert (got[2].headers, got[2].priority, got[2].ttl_ms) == ({"h": "1"}, 2, 500)
+    assert (got[0].headers, got[0].priority, got[0].ttl_ms) == ({}, 0, 0)
     assert nbytes == 3
     assert m.pending == 0 and m.take() is None
 
@@ -109,12 +109,12 @@ def test_batch_goes_at_max_bytes_and_overflow_flushes_first() -> None:
     m = _push(max_bytes=300, linger=10.0)
     assert m.fits(m.item_max) and not m.fits(m.item_max + 1)
     assert m.add(b"x" * 100, 1, clock.now()) == HOLD
-    # 100 + 200 + two items' overhead is over 300: send what is held, then add again.
+    # 100 + 200 + two messages' overhead is over 300: send what is held, then add again.
     assert m.add(b"y" * 200, 2, clock.now()) == FLUSH_FIRST
     assert m.seq == 1  # nothing was minted for the refused add
     m.take()
     assert m.add(b"y" * 200, 2, clock.now()) == HOLD
-    assert m.add(b"z" * 20, 3, clock.now()) == SEND  # 240 + 60: reaches max_bytes
+    assert m.add(b"z" * 68, 3, clock.now()) == SEND  # 216 + 84: reaches max_bytes
 
 
 def test_linger_is_checked_with_the_now_passed_in() -> None:
@@ -237,12 +237,14 @@ def test_batches_unpack_in_order_and_expire_while_waiting() -> None:
 
 def test_garbage_batches_are_dropped() -> None:
     m = _pull()
-    header = Batch(PROTOCOL_VERSION, SENDER, 2)
+    header = Batch(PROTOCOL_VERSION, SENDER, 2, 1, 1)
     assert m.accept(header, [b"\xc1\xc1"]) is None
-    one = msgspec.msgpack.encode([((0, 1, SENDER, 1, 0, {}, 0, 1, b"", "", 0, 0, 1), b"x")])
+    one = msgspec.msgpack.encode(([1], [b"x"], {}))
     assert m.accept(header, [one]) is None  # says 2, holds 1
     assert m.accept(header, [one, one]) is None  # a batch is one frame
-    assert m.metrics.get("decode_errors_garbage") == 3 and not m.ready
+    stray = msgspec.msgpack.encode(([1, 2], [b"x", b"y"], {5: [{}, 1, 0]}))
+    assert m.accept(header, [stray]) is None  # extras for a message it does not hold
+    assert m.metrics.get("decode_errors_garbage") == 4 and not m.ready
 
 
 def test_body_error_is_counted() -> None:

@@ -114,15 +114,19 @@ class Ack(msgspec.Struct, tag=2, array_like=True, frozen=True, gc=False):
 class Batch(msgspec.Struct, tag=3, array_like=True, frozen=True, gc=False):
     """Header of a pipeline batch: `count` messages coalesced into one body frame.
 
-    The body frame is a msgpack array of `[Data header, body]` pairs, in the
-    order they were sent. Only pipeline pullers read batches, so `Batch` is not
-    part of `Header`: `decode_header` refuses it like any unexpected frame.
+    The messages are `sender`'s numbers `seq` to `seq + count - 1`, in order.
+    The body frame is columnar, `[[created_ns...], [body...], {index:
+    [headers, priority, ttl_ms]}]` (the map only for messages that have any
+    of those), so a batch of small messages costs no per-message header. Only
+    pipeline pullers read batches, so `Batch` is not part of `Header`:
+    `decode_header` refuses it like any unexpected frame.
     """
 
     version: int
     sender: bytes
     count: int
     body_frames: int = 1
+    seq: int = 0
 
 
 Header: TypeAlias = Data | Reply | Ack
