@@ -22,9 +22,11 @@ socket hands up `b"\\x01" + prefix` for a subscription and `b"\\x00" + prefix`
 for an unsubscription. With XPUB_VERBOSER (set by the drivers) every
 subscriber's (un)subscriptions come up, not only the first and last per
 prefix, so the live count per prefix is exact for directly connected
-subscribers. A forwarder's XSUB passes every subscription up but only the
-last unsubscription of a prefix, so behind a forwarder the count can stay
-high after some subscribers left.
+subscribers. Two cases overcount: a forwarder's XSUB passes every
+subscription up but only the last unsubscription of a prefix, so behind a
+forwarder the count can stay high after some subscribers left; and a
+publisher that connects keeps its pipe across a reconnect, so the
+subscriptions sent again on the new connection count a second time.
 
 Last values. With `last_value=True` the publisher keeps the last message per
 topic and, on each subscription for a prefix, sends again the kept messages
