@@ -71,7 +71,7 @@ HOLD: Final = 0  # the message waits in the batch
 SEND: Final = 1  # the batch (with this message) should go now
 FLUSH_FIRST: Final = 2  # nothing was added: send the batch, then add again
 # Bytes a batched message costs beyond its body (its created-at time and framing).
-_ITEM_OVERHEAD: Final = 16
+_ITEM_OVERHEAD: Final = 16  # also spelled out in PushMachine.add
 _NO_HEADERS: Final[dict[str, str]] = {}
 # The Data(...) calls below spell the version as the literal 1 (a global
 # lookup per message is measurable); this keeps the literal honest.
@@ -116,6 +116,7 @@ class PushMachine:
         "_extras",
         "_first",
         "_first_seq",
+        "_last",
         "batch",
         "item_max",
         "linger",
@@ -154,6 +155,7 @@ class PushMachine:
         self.seq = 0
         self.batch = batch
         self.max_count = max_count
+        self._last = max_count - 1  # held messages at which one more fills the batch
         self.max_bytes = max_bytes
         #: The largest body that goes in a batch (a larger one goes alone).
         self.item_max = max_bytes - _ITEM_OVERHEAD
@@ -196,15 +198,16 @@ class PushMachine:
         ttl_ms: int = 0,
     ) -> int:
         """Put one single-frame message in the batch: HOLD, SEND or FLUSH_FIRST."""
-        # The per-message path of batching: kept to plain local operations.
+        # The per-message path of batching: few attribute lookups, no calls.
         created = self._created
         n = len(created)
-        size = self._bytes + len(body) + _ITEM_OVERHEAD
+        size = self._bytes + len(body) + 16  # 16: _ITEM_OVERHEAD
+        max_bytes = self.max_bytes
         if not n:
             self._first = now
             self._due = now + self.linger
             self._first_seq = self.seq + 1
-        elif size > self.max_bytes:
+        elif size > max_bytes:
             return FLUSH_FIRST
         self.seq += 1
         created.append(created_ns)
@@ -213,14 +216,10 @@ class PushMachine:
             # A caller's headers dict is copied: the batch keeps it until the flush.
             self._extras[n] = (dict(headers) if headers else {}, priority, ttl_ms)
         self._bytes = size
-        if (
-            n >= self.max_count - 1
-            or size >= self.max_bytes
-            or now >= self._due
-            or now < self._first  # the clock went back: do not hold the batch
-        ):
-            return SEND
-        return HOLD
+        if n < self._last and size < max_bytes and self._first <= now < self._due:
+            return HOLD
+        # Full, due, or the clock went back (now < first): do not hold the batch.
+        return SEND
 
     def fits(self, size: int) -> bool:
         """Whether a body of `size` bytes belongs in a batch (else it goes alone)."""
