@@ -288,6 +288,11 @@ class AsyncPusher(_AsyncSender):
         """This pusher's 8-byte sender id (the first half of its message ids)."""
         return self._core.machine.sender
 
+    @property
+    def pending(self) -> int:
+        """Messages held in the open batch (0 without batching)."""
+        return self._core.machine.pending
+
     async def send(
         self,
         body: Any,

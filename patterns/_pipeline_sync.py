@@ -307,6 +307,11 @@ class Pusher(_Sender):
         """This pusher's 8-byte sender id (the first half of its message ids)."""
         return self._core.machine.sender
 
+    @property
+    def pending(self) -> int:
+        """Messages held in the open batch (0 without batching)."""
+        return self._core.machine.pending
+
     def send(
         self,
         body: Any,
