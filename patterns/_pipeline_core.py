@@ -8,6 +8,7 @@ drivers (blocking and asyncio) only add the waiting.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Any, Final, NamedTuple
 
@@ -286,6 +287,4 @@ class SendCore:
 
 
 def _random(n: int) -> bytes:
-    import os
-
     return os.urandom(n)

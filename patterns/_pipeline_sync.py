@@ -191,7 +191,7 @@ class _Receiver(_End):
         deadline = _INF if timeout is None else _monotonic() + timeout
         try:
             while True:
-                link.follow()
+                link.tick()  # the endpoint source, at most every SOURCE_POLL seconds
                 try:
                     msg = read(sock, m, zmq.NOBLOCK)
                 except zmq.Again:
