@@ -131,6 +131,17 @@ def recv_error(exc: zmq.ZMQError, what: str) -> MeshError:
 # still from the same peer: they do not decode as a header and are dropped.
 
 
+def _address(frame: Any) -> bytes:
+    """Where a frame came from, for logging bad input once per peer on PULL (no routing id).
+
+    libzmq knows the peer's address for TCP and IPC ("Peer-Address"), not for inproc.
+    """
+    try:
+        return str(frame.get("Peer-Address")).encode()
+    except (zmq.ZMQError, AttributeError):
+        return b""
+
+
 def _skip_frames(sock: Any) -> int:
     """Read and drop the rest of a message after a `Frame` that had more."""
     n = 0
@@ -150,20 +161,26 @@ def read_pull(sock: Any, m: PullMachine, flags: int) -> Message | None:
     try:
         header = m.decode(first)
     except _DecodeError as exc:
-        m.bad_header(first.bytes, exc)
+        m.bad_header(first.bytes, exc, _address(first))
         if first.more:
             _skip_frames(sock)
         return None
     if not first.more:
-        m.truncated(b"", "a header without its body frame")
+        m.truncated(_address(first), "a header without its body frame")
         return None
     if header.body_frames == 1:  # the common case, inline
         return m.accept_one(header, recv_raw(sock, NOBLOCK))
-    return _body(sock, m, header, b"")
+    return _body(sock, m, header, b"", first)
 
 
-def _body(sock: Any, m: PullMachine, header: Data | Batch, peer: bytes) -> Message | None:
-    """Read the body frames after a header that said more follow; hand over the message."""
+def _body(
+    sock: Any, m: PullMachine, header: Data | Batch, peer: bytes, first: Any
+) -> Message | None:
+    """Read the body frames after a header that said more follow; hand over the message.
+
+    `peer` is the routing id (b"" on PULL); `first`, the header's Frame, tells
+    where bad input came from when there is no routing id.
+    """
     n = header.body_frames
     if n == 1:
         return m.accept_one(header, recv_raw(sock, NOBLOCK), peer)
@@ -176,7 +193,10 @@ def _body(sock: Any, m: PullMachine, header: Data | Batch, peer: bytes) -> Messa
         frames.append(part.bytes)
         if not part.more:
             if n > 0:  # n == 0: no count was stated; the frames end the message
-                m.truncated(peer, f"{len(frames)} of the {n} body frames its header states")
+                m.truncated(
+                    peer or _address(first),
+                    f"{len(frames)} of the {n} body frames its header states",
+                )
                 return None
             break
     return m.accept(header, frames, peer)
@@ -209,7 +229,7 @@ def read_routed(sock: Any, m: PullMachine, flags: int, router: bool) -> Message 
     if not first.more:
         m.truncated(peer, "a header without its body frame")
         return None
-    return _body(sock, m, header, peer)
+    return _body(sock, m, header, peer, first)
 
 
 def read_router(sock: Any, m: PullMachine, flags: int) -> Message | None:

@@ -187,7 +187,7 @@ def test_unknown_version_is_counted_and_logged_once_per_peer(
     assert m.metrics.get("decode_errors_unknown_version") == 4
     lines = [r.getMessage() for r in caplog.records]
     assert len(lines) == 2 and all("unknown protocol version 2" in line for line in lines)
-    assert b"p1".hex() in lines[0] and b"p2".hex() in lines[1]
+    assert "peer p1:" in lines[0] and "peer p2:" in lines[1]
 
 
 def test_bad_header_reasons(caplog: pytest.LogCaptureFixture) -> None:

@@ -314,7 +314,7 @@ class PullMachine:
         """The message, or None when it was dropped (expired, bad, or a batch: see `pop`)."""
         if header.version != PROTOCOL_VERSION:
             self.bad(
-                peer,
+                peer or header.sender,  # no routing id (PULL): once per sending object
                 "unknown_version",
                 f"header has unknown protocol version {header.version} (this zmqmesh speaks "
                 f"{PROTOCOL_VERSION}) from sender {header.sender.hex()}; upgrade the older side",
@@ -401,8 +401,7 @@ class PullMachine:
         c["decode_errors"] += 1
         key = f"decode_errors_{kind}"
         c[key] = c.get(key, 0) + 1
-        who = f"peer {peer.hex()}" if peer else "a peer"
-        self._log_once(peer + b"\0" + kind.encode(), f"{self.name}: {who}: {reason}")
+        self._log_once(peer + b"\0" + kind.encode(), f"{self.name}: {_who(peer)}: {reason}")
 
     def body_error(self, msg: Message, type_: object, exc: Exception) -> RemoteProtocolError:
         """A typed body that does not decode: counted, returned for the caller to raise."""
@@ -413,6 +412,14 @@ class PullMachine:
             f"{self.name}: message {h.seq} from sender {h.sender.hex()} does not decode "
             f"as {name} ({exc}); the message was dropped, the next one can be received"
         )
+
+
+def _who(peer: bytes) -> str:
+    """A peer for a log line: its name or address as text when printable, else hex."""
+    if not peer:
+        return "a peer"
+    text = peer.decode("ascii", errors="replace")
+    return f"peer {text}" if peer.isascii() and text.isprintable() else f"peer {peer.hex()}"
 
 
 class EndpointTracker:
