@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import concurrent.futures
@@ -579,6 +580,30 @@ def test_cli_queue_and_echo_worker_answer_a_plain_req_client_exactly(ctx) -> Non
         _, err = queue.communicate(timeout=10)
         assert queue.returncode == 0
         assert "messages_in=1 messages_out=1" in err
+
+
+def _has_command(name: str) -> bool:
+    from zmqmesh.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return name in sub.choices
+
+
+@pytest.mark.timeout(30)
+def test_cli_req_works_against_the_queue_frontend_unchanged(ctx) -> None:
+    if not _has_command("req"):
+        pytest.skip("`zmqmesh req` (issue 2) is not built yet")
+    with (
+        Queue(frontend=ANY, backend=ANY, ctx=ctx, **FAST).start() as queue,
+        Worker(connect=queue.backend_endpoints[0], handler=upper, ctx=ctx, **FAST).start(),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "zmqmesh", "req", "--connect", queue.frontend_endpoints[0],
+             "--timeout", "5", "hello queue"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == "HELLO QUEUE"
 
 
 @pytest.mark.timeout(30)
