@@ -3,7 +3,7 @@
 Thin loops over `patterns._proto.reqrep.ClientMachine`, which keeps the
 requests in flight, their deadlines and retry budgets, and decides when to
 reconnect, fail over and resend. The drivers own the one DEALER socket and
-carry out `Open` / `Close` / `Send`; `Done` and `Failed` end a call. The
+carry out `Open` / `Close` / `Send`; a reply `Message` or a `Failed` ends a call. The
 public names are re-exported by `patterns.reqrep`.
 """
 
@@ -39,7 +39,7 @@ from zmqmesh import (
     parse_endpoint,
 )
 
-from ._proto.reqrep import Action, ClientMachine, Close, Done, Failed, Open, Outcome, Send
+from ._proto.reqrep import Action, ClientMachine, Close, Failed, Open, Outcome, Send
 
 __all__ = ["AsyncClient", "Client"]
 
@@ -47,6 +47,8 @@ log = logging.getLogger("zmqmesh.reqrep")
 
 _SOURCE_POLL: Final = 0.25  # longest wait between drains of an endpoint source
 _INF: Final = math.inf
+_NOBLOCK: Final = int(zmq.NOBLOCK)
+_MORE_NOBLOCK: Final = int(zmq.SNDMORE | zmq.NOBLOCK)
 
 
 def _endpoints(value: str | Sequence[str] | None) -> list[str]:
@@ -56,6 +58,21 @@ def _endpoints(value: str | Sequence[str] | None) -> list[str]:
     for ep in eps:
         parse_endpoint(ep)  # a bad endpoint is a ConfigError now, not at the first retry
     return eps
+
+
+def _recv_frames(sock: zmq.Socket[bytes]) -> list[bytes]:
+    """One whole message, frame by frame (blocking, with the socket's RCVTIMEO).
+
+    Each frame is received as a zmq.Frame for its `more` flag: pyzmq's
+    `recv_multipart` asks getsockopt(RCVMORE) after every frame, which builds a
+    SocketOption enum per call and costs more than the frame itself.
+    """
+    frame = sock.recv(copy=False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(copy=False)
+        frames.append(frame.bytes)
+    return frames
 
 
 def _body(body: object) -> list[bytes]:
@@ -118,8 +135,14 @@ class _ClientCore:
         plain = self.plain
         if plain is None:
             return
+        # Frame by frame: send_multipart's per-part checks cost more than the
+        # sends. A DEALER refuses a message at its first frame or not at all.
+        send = plain.send
+        last = len(frames) - 1
         try:
-            plain.send_multipart(frames, zmq.NOBLOCK)
+            for j in range(last):
+                send(frames[j], _MORE_NOBLOCK)
+            send(frames[last], _NOBLOCK)
         except zmq.Again:
             # High-water mark reached: the request stays in flight and its
             # timeout retries it on a fresh socket.
@@ -189,6 +212,7 @@ class Client:
         self.metrics = self._core.metrics
         self._closed = False
         core = self._core
+        self._now = core.clock.now
         self._apply(core.drain_source())
         self._apply(core.machine.start(core.clock.now()))
 
@@ -212,25 +236,61 @@ class Client:
         priority: int = 0,
     ) -> Message:
         """Send `body` and return the reply; `timeout` / `retries` override the client's."""
+        # The hot path is written out flat: between a request and its reply the
+        # thread sleeps and its caches go cold, so every call layer here costs
+        # microseconds of latency, not the nanoseconds a warm loop suggests.
         if self._closed:
             raise ClosedError(f"client {self._core.machine.name} is closed; make a new Client")
         core = self._core
         m = core.machine
         if core.source is not None:
             self._apply(core.drain_source())
-        cid, actions = m.request(
-            _body(body),
-            core.clock.now(),
-            timeout=timeout,
-            retries=retries,
-            headers=headers,
-            priority=priority,
+        cid, frames = m.request(
+            [body if type(body) is bytes else encode_body(body)],  # type: ignore[list-item]
+            self._now(),
+            timeout,
+            retries,
+            headers,
+            priority,
         )
         try:
-            if len(actions) == 1 and type(actions[0]) is Send:
-                core.send(actions[0].frames)  # the hot path
-            else:
-                self._apply(actions)
+            sock = core.sock
+            if frames is not None and sock is not None and core.source is None:
+                # Frame by frame: send_multipart's per-part checks cost more than
+                # the sends. A DEALER takes or refuses a message at its first frame.
+                try:
+                    if len(frames) == 3:
+                        sock.send(frames[0], _MORE_NOBLOCK)
+                        sock.send(frames[1], _MORE_NOBLOCK)
+                        sock.send(frames[2], _NOBLOCK)
+                    else:
+                        core.send(frames)
+                except zmq.Again:
+                    core.metrics.counters["send_dropped"] += 1
+                # One blocking receive for the whole attempt (a poll and a
+                # non-blocking receive would cost two more system calls).
+                t = m.timeout if timeout is None else timeout
+                ms = -1 if t == _INF else math.ceil(t * 1000.0)
+                if ms != core.rcvtimeo:
+                    sock.rcvtimeo = core.rcvtimeo = ms
+                try:
+                    frame = sock.recv(0, False)
+                except zmq.Again:
+                    pass  # the attempt timed out: _wait asks the machine what next
+                else:
+                    # Frames for their `more` flag: recv_multipart's getsockopt
+                    # (RCVMORE) per frame builds an enum per call in pyzmq.
+                    received = [frame.bytes]
+                    while frame.more:
+                        frame = sock.recv(0, False)
+                        received.append(frame.bytes)
+                    out = m.receive(received, self._now())
+                    if type(out) is Message and out.header.correlation_id == cid:
+                        return out
+                    if type(out) is Failed and out.cid == cid:
+                        raise out.error
+            elif frames is not None:
+                core.send(frames)
             return self._wait(cid)
         except BaseException:
             m.abandon(cid)  # interrupted (KeyboardInterrupt) or failed to send
@@ -256,23 +316,21 @@ class Client:
                     if ms != core.rcvtimeo:
                         sock.rcvtimeo = core.rcvtimeo = ms
                     try:
-                        frames = sock.recv_multipart()
+                        frames = _recv_frames(sock)
                     except zmq.Again:
                         pass  # the timeout: see what the machine makes of it
                     else:
                         out = m.receive(frames, clock.now())
-                        if out is not None and out.cid == cid:
-                            if isinstance(out, Done):
-                                return out.message
+                        if isinstance(out, Message):
+                            if out.header.correlation_id == cid:
+                                return out
+                        elif out is not None and out.cid == cid:
                             raise out.error
                         continue
             if core.source is not None:
                 self._apply(core.drain_source())
             for item in m.tick(clock.now()):
-                if isinstance(item, Done):
-                    if item.cid == cid:
-                        return item.message
-                elif isinstance(item, Failed):
+                if isinstance(item, Failed):
                     if item.cid == cid:
                         raise item.error
                 else:
@@ -378,7 +436,7 @@ class AsyncClient:
             self._apply(core.machine.start(core.clock.now()))
         if core.source is not None:
             self._apply(core.drain_source())
-        cid, actions = m.request(
+        cid, frames = m.request(
             _body(body),
             core.clock.now(),
             timeout=timeout,
@@ -389,7 +447,8 @@ class AsyncClient:
         future: asyncio.Future[Message] = asyncio.get_running_loop().create_future()
         self._futures[cid] = future
         try:
-            self._apply(actions)
+            if frames is not None:
+                self._send(frames)
             if self._reader is None and core.sock is not None:
                 self._start_reader()
             self._arm()
@@ -426,12 +485,13 @@ class AsyncClient:
             self._fail_all(TransportError(f"client {m.name}: receiving failed: {exc.strerror}"))
 
     def _resolve(self, out: Outcome) -> None:
-        future = self._futures.pop(out.cid, None)
-        if future is None or future.done():
+        if isinstance(out, Message):
+            future = self._futures.pop(out.header.correlation_id, None)
+            if future is not None and not future.done():
+                future.set_result(out)
             return
-        if isinstance(out, Done):
-            future.set_result(out.message)
-        else:
+        future = self._futures.pop(out.cid, None)
+        if future is not None and not future.done():
             future.set_exception(out.error)
 
     def _apply(self, actions: Sequence[Action]) -> None:
@@ -493,7 +553,7 @@ class AsyncClient:
         try:
             self._apply(core.drain_source())
             for item in core.machine.tick(core.clock.now()):
-                if isinstance(item, Done | Failed):
+                if isinstance(item, Failed):
                     self._resolve(item)
                 else:
                     self._apply([item])
