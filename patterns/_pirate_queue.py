@@ -244,6 +244,8 @@ class Queue:
         self._stopping = False
         self._running = False
         self._thread: threading.Thread | None = None
+        self._drain_by: float | None = None  # set by drain(): stop reading clients
+        self._drained = False
 
     @property
     def sink(self) -> DeadLetterSink:
@@ -269,7 +271,8 @@ class Queue:
         self._running = True
         try:
             while not self._stopping:
-                poller = both if m.want_frontend else backend_only
+                draining = self._drain_by is not None
+                poller = both if m.want_frontend and not draining else backend_only
                 events = poller.poll(math.ceil(core.timeout() * 1000.0))
                 backend_ready = frontend_ready = False
                 for sock, _ in events:
@@ -277,9 +280,18 @@ class Queue:
                         backend_ready = True
                     elif sock is fe:
                         frontend_ready = True
-                    else:
+                    elif self._drain_by is None:
                         return
+                    else:
+                        self._wake_rx.recv()
                 core.step(backend_ready, frontend_ready)
+                if self._drain_by is not None and not m.backlog and not m.in_flight():
+                    # Every held request is answered: give the replies the rest of
+                    # the grace period to leave (linger), instead of linger 0.
+                    left = max(0.0, self._drain_by - core.clock.now())
+                    core.frontend.close(linger=int(left * 1000))
+                    self._drained = True
+                    return
         finally:
             # Close before clearing the flag: a close() from another thread that sees
             # the loop still running leaves the sockets to this thread.
@@ -291,6 +303,25 @@ class Queue:
         self._thread = threading.Thread(target=self.run, name="zmqmesh-queue", daemon=True)
         self._thread.start()
         return self
+
+    def drain(self, grace: float) -> bool:
+        """Stop reading clients, answer the requests held for up to `grace` s, then stop.
+
+        For a graceful shutdown (SIGTERM) of a queue started with `start()`:
+        requests waiting or at a worker are finished; clients still sending
+        are not read (their Lazy Pirate retry finds another queue). Replies
+        get the rest of `grace` to leave, so terminate the context after
+        `close()` to wait for them. True when nothing was left unanswered.
+        """
+        self._drain_by = self._core.clock.now() + grace
+        with self._wake_lock:
+            if not self._wake_tx.closed:
+                with contextlib.suppress(zmq.ZMQError):
+                    self._wake_tx.send(b"", zmq.NOBLOCK)
+        if self._thread is not None:
+            self._thread.join(grace)
+        self.stop()
+        return self._drained
 
     def stop(self) -> None:
         """Ask the loop to finish (thread-safe); `close()` also waits for it."""
