@@ -214,15 +214,17 @@ class _BrowseCore(RecordUpdateListener):
         self,
         engine: _Engine,
         service: str | None,
-        role: str | None,
+        roles: tuple[str, ...] | None,
         queue: _EventQueue,
     ) -> None:
         super().__init__()
         self._engine = engine
         self._zc = engine.zc
         self.service = service
-        self.role = role
-        self._types = [_subtype(role) if role else SERVICE_TYPE]
+        self.roles = roles
+        # One DNS-SD subtype per role (RFC 6763 §7.1): a browser for workers
+        # never hears about the other instances of the service type.
+        self._types = [_subtype(r) for r in roles] if roles else [SERVICE_TYPE]
         self._type_keys = {t.lower() for t in self._types}
         self._queue = queue
         self._names: dict[str, str] = {}  # key -> full name, for every instance seen by PTR
@@ -380,7 +382,7 @@ class _BrowseCore(RecordUpdateListener):
             return
         self._bad.pop(key, None)
         if (self.service is not None and peer.service != self.service) or (
-            self.role is not None and peer.role != self.role
+            self.roles is not None and peer.role not in self.roles
         ):
             self._drop(key, "changed")
             return
@@ -434,6 +436,12 @@ class _BrowseCore(RecordUpdateListener):
             out.append(self._peers[key])
             self._forgotten.add(key)
             self._drop(key, "forgotten")
+            # Ask it again soon, with backoff: a peer that was only cut off for a
+            # moment answers and is listed again within seconds, not at its next
+            # refresh (80 % of a 120 s TTL); a dead one costs a query now and then.
+            self._mark_unresolved(key)
+        if gone:
+            self._schedule_refresh()
         return out
 
     # -- resolving incomplete instances ------------------------------------------------

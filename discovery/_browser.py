@@ -31,10 +31,10 @@ class AsyncBrowser:
     Made by `AsyncDiscovery.browse`; must be closed with `aclose()`.
     """
 
-    def __init__(self, engine: _Engine, service: str | None, role: str | None) -> None:
+    def __init__(self, engine: _Engine, service: str | None, roles: tuple[str, ...] | None) -> None:
         self._engine = engine
         self._queue = _EventQueue(engine.loop)
-        self._core = _BrowseCore(engine, service, role, self._queue)
+        self._core = _BrowseCore(engine, service, roles, self._queue)
         self._adapter = _PeerEventAdapter()
         self._changed = asyncio.Event()
         self._core.add_change_listener(self._changed.set)
@@ -46,7 +46,14 @@ class AsyncBrowser:
 
     @property
     def role(self) -> str | None:
-        return self._core.role
+        """The role browsed for (None for any role, or when browsing several)."""
+        roles = self._core.roles
+        return roles[0] if roles is not None and len(roles) == 1 else None
+
+    @property
+    def roles(self) -> tuple[str, ...] | None:
+        """The roles browsed for (None for any role)."""
+        return self._core.roles
 
     @property
     def metrics(self) -> Metrics:
@@ -103,7 +110,7 @@ class AsyncBrowser:
                 await asyncio.wait_for(self._changed.wait(), remaining)
 
     def _timeout_message(self, timeout: float, what: str) -> str:
-        looking = _describe(self.service, self.role)
+        looking = _describe(self.service, self.roles)
         return (
             f"no {what or 'peers'} found for {looking} within {timeout} s on "
             f"{self._engine.interfaces.description}; check the announcer runs, shares a "
@@ -138,16 +145,16 @@ class AsyncBrowser:
 
     def __repr__(self) -> str:
         return (
-            f"<{type(self).__name__} {_describe(self.service, self.role)} peers={len(self.peers)}>"
+            f"<{type(self).__name__} {_describe(self.service, self.roles)} peers={len(self.peers)}>"
         )
 
 
-def _describe(service: str | None, role: str | None) -> str:
+def _describe(service: str | None, roles: tuple[str, ...] | None) -> str:
     parts = []
     if service is not None:
         parts.append(f"service {service!r}")
-    if role is not None:
-        parts.append(f"role {role}")
+    if roles is not None:
+        parts.append(f"role {' or '.join(roles)}")
     return " and ".join(parts) or "any zmqmesh service"
 
 
@@ -174,6 +181,10 @@ class Browser:
     @property
     def role(self) -> str | None:
         return self._inner.role
+
+    @property
+    def roles(self) -> tuple[str, ...] | None:
+        return self._inner.roles
 
     @property
     def metrics(self) -> Metrics:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from zeroconf import Zeroconf
 
@@ -30,6 +30,7 @@ from ._records import (
     _Announced,
     _check_label,
     _check_role,
+    _check_roles,
     _check_service,
     _default_label,
     _encode_txt,
@@ -41,6 +42,8 @@ __all__ = ["DEFAULT_TTL", "AsyncDiscovery", "AsyncServiceSource", "Discovery", "
 DEFAULT_TTL = 120
 
 Interfaces = Sequence[str] | str | None
+#: A role filter: one role, several (any of them), or None for every role.
+Roles = str | Iterable[str] | None
 
 
 class AsyncDiscovery:
@@ -146,14 +149,15 @@ class AsyncDiscovery:
         self._announcements.append(announcement)
         return announcement
 
-    def browse(self, *, service: str | None = None, role: str | None = None) -> AsyncBrowser:
-        """Start a live peer table for a service name and/or role (both optional)."""
+    def browse(self, *, service: str | None = None, role: Roles = None) -> AsyncBrowser:
+        """Start a live peer table for a service name and/or role(s) (both optional).
+
+        `role` may be several roles (`("server", "queue")`): peers with any of them.
+        """
         self._engine.check_open("browse")
         if service is not None:
             _check_service(service)
-        if role is not None:
-            _check_role(role)
-        browser = AsyncBrowser(self._engine, service, role)
+        browser = AsyncBrowser(self._engine, service, _check_roles(role))
         self._browsers.append(browser)
         return browser
 
@@ -161,7 +165,7 @@ class AsyncDiscovery:
         self,
         service: str,
         *,
-        role: str | None = None,
+        role: Roles = None,
         timeout: float = 2.0,
         settle: float = 0.12,
     ) -> list[Peer]:
@@ -277,18 +281,18 @@ class Discovery:
         )
         return Announcement(inner, self._thread)
 
-    def browse(self, *, service: str | None = None, role: str | None = None) -> Browser:
-        """Start a live peer table for a service name and/or role (both optional)."""
+    def browse(self, *, service: str | None = None, role: Roles = None) -> Browser:
+        """Start a live peer table for a service name and/or role(s) (both optional)."""
         return Browser(self._thread.run(self._browse(service, role)), self._thread)
 
-    async def _browse(self, service: str | None, role: str | None) -> AsyncBrowser:
+    async def _browse(self, service: str | None, role: Roles) -> AsyncBrowser:
         return self._inner.browse(service=service, role=role)
 
     def resolve(
         self,
         service: str,
         *,
-        role: str | None = None,
+        role: Roles = None,
         timeout: float = 2.0,
         settle: float = 0.12,
     ) -> list[Peer]:
@@ -327,7 +331,7 @@ class ServiceSource(Browser):
     def __init__(
         self,
         service: str | None = None,
-        role: str | None = None,
+        role: Roles = None,
         *,
         discovery: Discovery | None = None,
         interfaces: Interfaces = None,
@@ -358,7 +362,7 @@ class AsyncServiceSource(AsyncBrowser):
     def __init__(
         self,
         service: str | None = None,
-        role: str | None = None,
+        role: Roles = None,
         *,
         discovery: AsyncDiscovery | None = None,
         interfaces: Interfaces = None,
@@ -366,11 +370,10 @@ class AsyncServiceSource(AsyncBrowser):
     ) -> None:
         if service is not None:
             _check_service(service)
-        if role is not None:
-            _check_role(role)
+        roles = _check_roles(role)
         self._owned = discovery is None
         self.discovery = discovery or AsyncDiscovery(interfaces=interfaces, ip_version=ip_version)
-        super().__init__(self.discovery._engine, service, role)
+        super().__init__(self.discovery._engine, service, roles)
 
     async def aclose(self) -> None:
         await super().aclose()

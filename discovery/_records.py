@@ -39,6 +39,7 @@ TXT_VERSION: Final = 1
 
 Role = Literal[
     "queue",
+    "queue-backend",
     "worker",
     "forwarder",
     "publisher",
@@ -49,10 +50,15 @@ Role = Literal[
     "client",
 ]
 ROLES: Final[tuple[str, ...]] = get_args(Role)
+# A Paranoid Pirate queue binds two ROUTERs that look alike on the wire: its
+# frontend is announced as "queue" (clients and `req` look for it, as for a
+# "server"), its backend as "queue-backend" (workers look for it). Two roles
+# rather than a TXT key, so a worker browses the backend's DNS-SD subtype only.
 
 #: The socket type a role uses unless told otherwise.
 DEFAULT_SOCKET_TYPES: Final[Mapping[str, str]] = {
     "queue": "ROUTER",
+    "queue-backend": "ROUTER",
     "worker": "DEALER",
     "forwarder": "XPUB",
     "publisher": "PUB",
@@ -166,6 +172,18 @@ def _check_role(role: str) -> str:
     if role not in ROLES:
         raise ConfigError(f"role {role!r} is not one of {', '.join(ROLES)}")
     return role
+
+
+def _check_roles(role: str | Iterable[str] | None) -> tuple[str, ...] | None:
+    """A role filter as a tuple of known roles (None: any role)."""
+    if role is None:
+        return None
+    roles = (role,) if isinstance(role, str) else tuple(dict.fromkeys(role))
+    if not roles:
+        raise ConfigError(f"give at least one role to browse for (one of {', '.join(ROLES)})")
+    for one in roles:
+        _check_role(one)
+    return roles
 
 
 def _check_service(service: str) -> str:
