@@ -30,9 +30,12 @@ from zmqmesh import (
     CurveOptions,
     Metrics,
     MonotonicClock,
+    ZapGuard,
     bind,
     close_socket,
+    guard_server,
     make_socket,
+    observe_age,
 )
 from zmqmesh._deadletter import DeadLetter, DeadLetterSink, MemoryDeadLetters
 
@@ -92,8 +95,13 @@ class _QueueCore:
         opts = {"sndhwm": hwm, "rcvhwm": hwm, "max_message_size": max_message_size, "curve": curve}
         self.frontend = make_socket(ctx, zmq.ROUTER, **opts)  # type: ignore[arg-type]
         self.backend: zmq.Socket[bytes] | None = None
+        self.guards: list[ZapGuard] = []  # CURVE allow-lists (RFC 27), set before bind
         try:
             self.backend = make_socket(ctx, zmq.ROUTER, **opts)  # type: ignore[arg-type]
+            for sock in (self.frontend, self.backend):
+                guard = guard_server(sock, curve, metrics=self.metrics, name=f"queue {name}")
+                if guard is not None:
+                    self.guards.append(guard)
             self.frontend_endpoints = [bind(self.frontend, ep) for ep in _as_list(frontend)]
             self.backend_endpoints = [bind(self.backend, ep) for ep in _as_list(backend)]
         except BaseException:
@@ -118,6 +126,7 @@ class _QueueCore:
         m = self.machine
         recv = self.fe.recv_multipart
         handle = m.client_message
+        frames: list[bytes] = []
         for _ in range(_BATCH):
             if not m.want_frontend:
                 break
@@ -128,6 +137,8 @@ class _QueueCore:
             handle(frames, now)
             if m.backend_out:
                 self.flush_backend(now)
+        if len(frames) > 2:  # one latency sample per wake-up: [client, b"", header, ...]
+            observe_age(self.metrics, frames[2])
 
     def flush_backend(self, now: float) -> None:
         m = self.machine
@@ -178,6 +189,9 @@ class _QueueCore:
     def close_sockets(self) -> None:
         close_socket(self.frontend)
         close_socket(self.backend)
+        guards, self.guards = self.guards, []
+        for guard in guards:
+            guard.close()
 
 
 class Queue:

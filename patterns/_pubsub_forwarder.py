@@ -29,6 +29,7 @@ from zmqmesh import (
     LocalProtocolError,
     Metrics,
     ZapGuard,
+    observe_age,
 )
 
 from ._proto.pubsub import ForwarderMachine
@@ -155,6 +156,8 @@ class _ForwarderCore:
                 cache.store(frames[0].bytes, frames)  # type: ignore[arg-type]
         if moved:
             m.forwarded(moved, nbytes)
+            if len(frames) > 1:  # one latency sample per wake-up: [topic, header, body...]
+                observe_age(m.metrics, frames[1].bytes)
         return moved
 
     def upstream(self, xsub: zmq.Socket[Any], xpub: zmq.Socket[Any]) -> int:

@@ -21,37 +21,62 @@ from zmqmesh import (
     ClosedError,
     CurveOptions,
     Metrics,
+    ZapGuard,
     bind,
     close_socket,
+    guard_server,
     make_socket,
+    observe_age,
 )
 
 __all__ = ["AsyncStreamer", "Streamer"]
 
 _BATCH = 256  # messages moved per wake-up, so a busy streamer polls rarely
+_POLL_MS = 100  # longest wait, so stop() is heard
 
 
 def _as_list(value: str | Sequence[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def _forward(pull: zmq.Socket[bytes], push: zmq.Socket[bytes], metrics: Metrics) -> int:
+def _forward(
+    pull: zmq.Socket[bytes],
+    push: zmq.Socket[bytes],
+    metrics: Metrics,
+    stop: threading.Event | None = None,
+) -> int:
     """Move up to a batch of ready messages; returns how many moved."""
-    moved = 0
+    moved = nbytes = 0
     counters = metrics.counters
+    frames: list[zmq.Frame] = []
     while moved < _BATCH:
         try:
             frames = pull.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             break
-        # Blocking send: when every puller is at its HWM, back-pressure reaches
-        # the pushers through our own receive HWM instead of dropping.
-        push.send_multipart(frames, copy=False)
+        try:
+            push.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            # Every puller is at its HWM (or none is connected): wait, so that
+            # back-pressure reaches the pushers through our own receive HWM
+            # instead of dropping, but keep hearing stop().
+            while not push.poll(_POLL_MS, zmq.POLLOUT):
+                if stop is not None and stop.is_set():
+                    counters["dropped_on_stop"] = counters.get("dropped_on_stop", 0) + 1
+                    frames = []
+                    break
+            if not frames:
+                break
+            push.send_multipart(frames, copy=False)
         moved += 1
-        counters["bytes_in"] = counters.get("bytes_in", 0) + sum(len(f.bytes) for f in frames)
+        nbytes += sum(map(len, frames))
     if moved:
         counters["messages_in"] = counters.get("messages_in", 0) + moved
         counters["messages_out"] = counters.get("messages_out", 0) + moved
+        counters["bytes_in"] = counters.get("bytes_in", 0) + nbytes
+        counters["bytes_out"] = counters.get("bytes_out", 0) + nbytes
+        if frames:
+            observe_age(metrics, frames[0].bytes)  # one latency sample per wake-up
     return moved
 
 
@@ -72,7 +97,13 @@ class Streamer:
         self.metrics = Metrics(name)
         self._pull = make_socket(self._ctx, zmq.PULL, rcvhwm=hwm, curve=curve)
         self._push = make_socket(self._ctx, zmq.PUSH, sndhwm=hwm, curve=curve)
+        self._guards: list[ZapGuard] = []  # CURVE allow-lists (RFC 27), set before bind
+        self._linger_ms = 0  # drain() lets messages already handed to PUSH leave
         try:
+            for sock in (self._pull, self._push):
+                guard = guard_server(sock, curve, metrics=self.metrics, name=f"streamer {name}")
+                if guard is not None:
+                    self._guards.append(guard)
             self.pull_endpoints = [bind(self._pull, ep) for ep in _as_list(pull)]
             self.push_endpoints = [bind(self._push, ep) for ep in _as_list(push)]
         except BaseException:
@@ -89,8 +120,8 @@ class Streamer:
         poller.register(self._pull, zmq.POLLIN)
         try:
             while not self._stop.is_set():
-                if poller.poll(100):
-                    _forward(self._pull, self._push, self.metrics)
+                if poller.poll(_POLL_MS):
+                    _forward(self._pull, self._push, self.metrics, self._stop)
         finally:
             self._close_sockets()
 
@@ -102,6 +133,17 @@ class Streamer:
     def stop(self) -> None:
         self._stop.set()
 
+    def drain(self, grace: float) -> bool:
+        """Stop pulling; messages already moved get up to `grace` s to leave (linger).
+
+        A streamer holds nothing of its own: what it pulled is in the PUSH
+        socket's pipes, which libzmq sends on within the linger period, so
+        terminate the context after `close()` to wait for them.
+        """
+        self._linger_ms = int(grace * 1000)
+        self.close()
+        return True
+
     def close(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -112,7 +154,11 @@ class Streamer:
 
     def _close_sockets(self) -> None:
         close_socket(self._pull)
-        close_socket(self._push)
+        if not self._push.closed:
+            self._push.close(linger=self._linger_ms)
+        guards, self._guards = self._guards, []
+        for guard in guards:
+            guard.close()
 
     def __enter__(self) -> Streamer:
         return self
@@ -157,9 +203,9 @@ class AsyncStreamer:
                 counters = self.metrics.counters
                 counters["messages_in"] = counters.get("messages_in", 0) + 1
                 counters["messages_out"] = counters.get("messages_out", 0) + 1
-                counters["bytes_in"] = counters.get("bytes_in", 0) + sum(
-                    len(f.bytes) for f in frames
-                )
+                nbytes = sum(map(len, frames))
+                counters["bytes_in"] = counters.get("bytes_in", 0) + nbytes
+                counters["bytes_out"] = counters.get("bytes_out", 0) + nbytes
         finally:
             close_socket(self._pull)
             close_socket(self._push)

@@ -43,7 +43,7 @@ from ._errors import (
     TransportError,
     map_zmq_errors,
 )
-from ._metrics import Histogram, Metrics
+from ._metrics import Histogram, Metrics, observe_age
 from ._security import (
     Certificate,
     KeyPair,
@@ -143,6 +143,7 @@ __all__ = [
     "Metrics",
     "PeerEvent",
     "StaticPeers",
+    "observe_age",
     # durable spool
     "AsyncSpool",
     "DeadRecord",
