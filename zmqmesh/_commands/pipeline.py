@@ -35,6 +35,12 @@ from .._envelope import Message
 from .._errors import ConfigError, MeshError, Timeout
 from .._sockets import parse_endpoint
 from ._curve import add_curve_arguments, client_curve_from_args, server_curve_from_args
+from ._discovery_flags import (
+    MeshFlags,
+    add_announce_argument,
+    add_interface_argument,
+    add_service_argument,
+)
 
 __all__ = ["register"]
 
@@ -46,7 +52,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Send each BODY (or each stdin line) to one connected puller, round-robin. "
         "Waits for a puller before the first message unless --no-wait.",
     )
-    _endpoint_args(p)
+    _endpoint_args(p, "push")
     p.add_argument(
         "--no-wait",
         action="store_true",
@@ -98,7 +104,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Pull messages from pushers (fair-queued) and print each body on one "
         "line, or the envelope as JSON with --json.",
     )
-    _endpoint_args(q)
+    _endpoint_args(q, "pull")
     q.add_argument(
         "--count",
         type=_positive_int,
@@ -118,8 +124,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     q.set_defaults(func=run_pull)
 
 
-def _endpoint_args(p: argparse.ArgumentParser) -> None:
+def _endpoint_args(p: argparse.ArgumentParser, tool: str) -> None:
     where = p.add_argument_group("endpoints (at least one)")
+    add_service_argument(where, tool)
+    add_announce_argument(where, tool)
+    add_interface_argument(where)
     where.add_argument(
         "--bind", action="append", default=[], metavar="EP", help="endpoint to bind (repeatable)"
     )
@@ -162,12 +171,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _where(args: argparse.Namespace) -> dict[str, Any]:
-    """bind=/connect= and the CURVE options, endpoints checked (ConfigError: exit 2)."""
+def _where(args: argparse.Namespace, mesh: MeshFlags) -> dict[str, Any]:
+    """bind=/connect=/source= and the CURVE options, endpoints checked (ConfigError: exit 2)."""
     binds: list[str] = args.bind
     connects: list[str] = args.connect
+    if mesh.announce_as is not None and not binds:
+        raise ConfigError("--announce needs --bind EP (it announces the bound endpoints)")
+    if mesh.following:
+        if binds or connects:
+            raise ConfigError("--service finds the peers: give it without --bind/--connect")
+        return {"source": mesh.source(), "curve": mesh.client_curve()}
     if not binds and not connects:
-        raise ConfigError("give at least one --bind EP or --connect EP")
+        raise ConfigError("give at least one --bind EP, --connect EP or --service NAME")
     for ep in [*binds, *connects]:
         parse_endpoint(ep)
     if binds and connects and getattr(args, "secret_key", None):
@@ -217,7 +232,8 @@ def run_push(args: argparse.Namespace) -> int:
 
     from patterns.pipeline import Pusher
 
-    where = _where(args)
+    mesh = MeshFlags(args, "push")
+    where = _where(args, mesh)
     headers = _headers(args.header)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     pusher: Pusher | None = None
@@ -231,6 +247,7 @@ def run_push(args: argparse.Namespace) -> int:
             batch=args.batch,
             name="push",
         )
+        mesh.announce_server(pusher.endpoints)
         for ep in pusher.endpoints:
             print(f"bound {ep}", file=sys.stderr, flush=True)
         bodies: Iterable[str | bytes] = args.bodies or _stdin_lines()
@@ -249,6 +266,7 @@ def run_push(args: argparse.Namespace) -> int:
         linger = 0.0  # nothing more is worth waiting for
         raise
     finally:
+        mesh.close()  # goodbyes first
         if pusher is not None:
             pusher.close(linger=linger)
         ctx.term()  # waits up to --linger for queued messages to leave
@@ -260,12 +278,14 @@ def run_pull(args: argparse.Namespace) -> int:
 
     from patterns.pipeline import Puller
 
-    where = _where(args)
+    mesh = MeshFlags(args, "pull")
+    where = _where(args, mesh)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     puller: Puller | None = None
     received = 0
     try:
         puller = Puller(**where, ctx=ctx, name="pull")
+        mesh.announce_server(puller.endpoints)
         for ep in puller.endpoints:
             print(f"bound {ep}", file=sys.stderr, flush=True)
         out = sys.stdout.buffer
@@ -286,6 +306,7 @@ def run_pull(args: argparse.Namespace) -> int:
     except _Stop:
         return 0
     finally:
+        mesh.close()
         if puller is not None:
             puller.close()
         ctx.term()

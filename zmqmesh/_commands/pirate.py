@@ -28,6 +28,12 @@ from .._envelope import Message
 from .._errors import ConfigError
 from .._metrics import Metrics
 from .._sockets import parse_endpoint
+from ._discovery_flags import (
+    MeshFlags,
+    add_announce_argument,
+    add_interface_argument,
+    add_service_argument,
+)
 
 __all__ = ["register"]
 
@@ -91,6 +97,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(default 1000; 0 reads clients only while a worker is idle)",
     )
     q.add_argument("--name", default="queue", help="name in logs, metrics and dead letters")
+    add_announce_argument(q, "queue")
+    add_interface_argument(q)
     q.add_argument(
         "--stats",
         type=_positive_float,
@@ -109,11 +117,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     w.add_argument(
         "--connect",
-        required=True,
         action="append",
+        default=[],
         metavar="EP",
         help="queue backend endpoint (repeatable: failover in turn)",
     )
+    add_service_argument(w, "worker")
+    add_interface_argument(w)
     w.add_argument("--echo", action="store_true", help="reply with the request body")
     _liveness_args(w)
     w.add_argument(
@@ -218,6 +228,14 @@ def run_queue(args: argparse.Namespace) -> int:
         max_backlog=args.max_backlog,
         name=args.name,
     )
+    mesh = MeshFlags(args, "queue")
+    try:
+        mesh.announce(queue.frontend_endpoints, role="queue")
+        mesh.announce(queue.backend_endpoints, role="queue-backend")
+    except BaseException:
+        mesh.close()
+        queue.close()
+        raise
     print(f"frontend {' '.join(queue.frontend_endpoints)}", flush=True)
     print(f"backend {' '.join(queue.backend_endpoints)}", flush=True)
     done = threading.Event()
@@ -231,6 +249,7 @@ def run_queue(args: argparse.Namespace) -> int:
         with _stop_on_sigterm(queue.stop):
             queue.run()
     finally:
+        mesh.close()  # goodbyes first: workers and clients stop coming
         done.set()
         if stats is not None:
             stats.join()
@@ -286,20 +305,29 @@ def run_worker(args: argparse.Namespace) -> int:
         raise ConfigError(
             f"--reconnect-max {args.reconnect_max} is below --reconnect {args.reconnect}"
         )
+    if not args.connect and args.service is None:
+        raise ConfigError("give the queue's backend with --connect EP or --service NAME")
     for ep in args.connect:
         parse_endpoint(ep)
     handler = _echo if args.echo else _command_handler(command)
-    worker = Worker(
-        connect=args.connect,
-        handler=handler,
-        heartbeat=args.heartbeat,
-        liveness=args.liveness,
-        backoff=Backoff(args.reconnect, args.reconnect_max),
-        name=args.name,
-    )
+    mesh = MeshFlags(args, "worker")
+    try:
+        worker = Worker(
+            connect=args.connect or None,
+            source=mesh.source() if mesh.following else None,
+            handler=handler,
+            heartbeat=args.heartbeat,
+            liveness=args.liveness,
+            backoff=Backoff(args.reconnect, args.reconnect_max),
+            name=args.name,
+        )
+    except BaseException:
+        mesh.close()
+        raise
     try:
         with _stop_on_sigterm(worker.stop):
             worker.run()
     finally:
         worker.close()
+        mesh.close()
     return 0

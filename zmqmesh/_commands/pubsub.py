@@ -38,6 +38,12 @@ from .._envelope import Message
 from .._errors import ConfigError, Timeout
 from .._sockets import parse_endpoint
 from ._curve import add_curve_arguments, client_curve_from_args, server_curve_from_args
+from ._discovery_flags import (
+    MeshFlags,
+    add_announce_argument,
+    add_interface_argument,
+    add_service_argument,
+)
 
 __all__ = ["register"]
 
@@ -49,7 +55,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Publish each BODY (or each stdin line) on TOPIC. Waits for a subscriber "
         "to TOPIC before the first message unless --no-wait.",
     )
-    _endpoint_args(p)
+    _endpoint_args(p, "pub")
     p.add_argument(
         "--no-wait",
         action="store_true",
@@ -93,7 +99,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Subscribe to topic prefixes and print each message on one line: "
         "'TOPIC BODY', or the envelope as JSON with --json. Gaps go to stderr.",
     )
-    _endpoint_args(s)
+    _endpoint_args(s, "sub")
     s.add_argument(
         "--topic",
         action="append",
@@ -120,7 +126,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s.set_defaults(func=run_sub)
 
 
-def _endpoint_args(p: argparse.ArgumentParser) -> None:
+def _endpoint_args(p: argparse.ArgumentParser, tool: str) -> None:
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument(
         "--bind", action="append", metavar="EP", help="endpoint to bind (repeatable)"
@@ -128,6 +134,9 @@ def _endpoint_args(p: argparse.ArgumentParser) -> None:
     where.add_argument(
         "--connect", action="append", metavar="EP", help="endpoint to connect to (repeatable)"
     )
+    add_service_argument(where, tool)
+    add_announce_argument(p, tool)
+    add_interface_argument(p)
 
 
 def _positive_float(text: str) -> float:
@@ -156,8 +165,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _where(args: argparse.Namespace) -> dict[str, Any]:
-    """bind=/connect= and the CURVE options, endpoints checked (ConfigError: exit 2)."""
+def _where(args: argparse.Namespace, mesh: MeshFlags) -> dict[str, Any]:
+    """bind=/connect=/source= and the CURVE options, endpoints checked (ConfigError: exit 2)."""
+    if mesh.following:
+        return {"source": mesh.source(), "curve": mesh.client_curve()}
+    if mesh.announce_as is not None and not args.bind:
+        raise ConfigError("--announce needs --bind EP (it announces the bound endpoints)")
     binds: list[str] = args.bind or []
     connects: list[str] = args.connect or []
     for ep in [*binds, *connects]:
@@ -207,13 +220,15 @@ def run_pub(args: argparse.Namespace) -> int:
 
     from patterns.pubsub import Publisher
 
-    where = _where(args)
+    mesh = MeshFlags(args, "pub")
+    where = _where(args, mesh)
     headers = _headers(args.header)
     topic: str = args.topic
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     pub: Publisher | None = None
     try:
         pub = Publisher(**where, last_value=args.last_value, ctx=ctx, name="pub")
+        mesh.announce_server(pub.endpoints)
         for ep in pub.endpoints:
             print(f"bound {ep}", file=sys.stderr, flush=True)
         bodies: Iterable[str | bytes] = args.bodies or _stdin_lines()
@@ -233,6 +248,7 @@ def run_pub(args: argparse.Namespace) -> int:
     except _Stop:
         return 0
     finally:
+        mesh.close()  # goodbyes first
         if pub is not None:
             pub.close(linger=args.linger)
         ctx.term()  # waits up to --linger for queued messages to leave
@@ -250,7 +266,8 @@ def run_sub(args: argparse.Namespace) -> int:
 
     from patterns.pubsub import Gap, Subscriber
 
-    where = _where(args)
+    mesh = MeshFlags(args, "sub")
+    where = _where(args, mesh)
 
     def report(gap: Gap) -> None:
         print(
@@ -265,6 +282,7 @@ def run_sub(args: argparse.Namespace) -> int:
     received = 0
     try:
         sub = Subscriber(**where, topics=args.topic or [""], on_gap=report, ctx=ctx, name="sub")
+        mesh.announce_server(sub.endpoints)
         for ep in sub.endpoints:
             print(f"bound {ep}", file=sys.stderr, flush=True)
         out = sys.stdout.buffer
@@ -284,6 +302,7 @@ def run_sub(args: argparse.Namespace) -> int:
     except _Stop:
         return 0
     finally:
+        mesh.close()
         if sub is not None:
             sub.close()
         ctx.term()

@@ -35,6 +35,12 @@ from typing import Any
 from .._envelope import Message
 from .._errors import ConfigError
 from .._sockets import parse_endpoint
+from ._discovery_flags import (
+    MeshFlags,
+    add_announce_argument,
+    add_interface_argument,
+    add_service_argument,
+)
 
 __all__ = ["register"]
 
@@ -54,6 +60,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="EP",
         help="server endpoint (repeatable: a retry goes to the next one)",
     )
+    add_service_argument(q, "req")
+    add_interface_argument(q)
     q.add_argument(
         "--timeout",
         type=_positive_float,
@@ -104,6 +112,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="EP",
         help="endpoint to connect to, e.g. a proxy's backend (repeatable)",
     )
+    add_service_argument(r, "reply")
+    add_announce_argument(r, "reply")
+    add_interface_argument(r)
     r.add_argument("--echo", action="store_true", help="reply with the request body")
     r.add_argument(
         "--count",
@@ -199,15 +210,25 @@ def _as_json(reply: Message) -> str:
 def run_req(args: argparse.Namespace) -> int:
     from patterns.reqrep import Client
 
-    if not args.connect:
-        raise ConfigError("give the server with --connect EP (repeat it for failover)")
+    if not args.connect and args.service is None:
+        raise ConfigError(
+            "give the server with --connect EP (repeat it for failover) or --service NAME"
+        )
     for ep in args.connect:
         parse_endpoint(ep)
     headers = _headers(args.header)
     out = sys.stdout.buffer
-    with Client(
-        connect=args.connect, timeout=args.timeout, retries=args.retries, name="req"
-    ) as client:
+    mesh = MeshFlags(args, "req")
+    with (
+        contextlib.closing(mesh),
+        Client(
+            connect=args.connect or None,
+            source=mesh.source() if mesh.following else None,
+            timeout=args.timeout,
+            retries=args.retries,
+            name="req",
+        ) as client,
+    ):
         for body in _bodies(args):
             reply = client.request(body, headers=headers or None, priority=args.priority)
             if args.json:
@@ -270,8 +291,10 @@ def run_reply(args: argparse.Namespace) -> int:
         command = command[1:]
     if args.echo == bool(command):
         raise ConfigError("give exactly one of --echo or '-- CMD ARGS...'")
-    if not args.bind and not args.connect:
-        raise ConfigError("give --bind EP (or --connect EP) for the requests to come in")
+    if not args.bind and not args.connect and args.service is None:
+        raise ConfigError(
+            "give --bind EP (or --connect EP / --service NAME) for the requests to come in"
+        )
     for ep in [*args.bind, *args.connect]:
         parse_endpoint(ep)
     inner = _echo if args.echo else _command(command)
@@ -287,13 +310,26 @@ def run_reply(args: argparse.Namespace) -> int:
             if args.count is not None and served >= args.count:
                 server.stop()  # the loop sends this reply, then returns
 
-    server = Server(handler, bind=args.bind, connect=args.connect, name=args.name)
+    mesh = MeshFlags(args, "reply")
     try:
+        server = Server(
+            handler,
+            bind=args.bind,
+            connect=args.connect,
+            source=mesh.source() if mesh.following else None,
+            name=args.name,
+        )
+    except BaseException:
+        mesh.close()
+        raise
+    try:
+        mesh.announce(server.endpoints)
         for ep in server.endpoints:
             print(f"bound {ep}", flush=True)
         with _stop_on_sigterm(server.stop):
             server.serve_forever()
     finally:
+        mesh.close()  # goodbyes first: clients stop choosing this server
         # Linger a moment so the last reply leaves before the socket closes.
         server.close(linger=1.0)
     return 0
