@@ -212,7 +212,15 @@ class _WorkerCore:
         m = self.machine
         now = self.clock.now()
         if now >= m.next_deadline():
+            current = m.endpoint if m.connected else ""
             self.apply(m.tick(now))
+            if current and not m.connected:
+                # The queue went silent (heartbeats, RFC 6): drop it from the
+                # discovery browser now rather than when its mDNS records expire;
+                # the browser lists it again when it answers for itself.
+                forget = getattr(self.source, "forget", None)
+                if callable(forget):
+                    forget(current)
 
     def close_socket(self) -> None:
         close_socket(self.sock)

@@ -157,6 +157,9 @@ class Peers:
                         log.info("%s: disconnected from %s (peer removed)", self.what, ep)
             elif ep not in self.connected:
                 try:
+                    if event.public_key and sock.mechanism == zmq.CURVE and not sock.curve_server:
+                        # A peer announces its own CURVE key: use it for this connection.
+                        sock.curve_serverkey = event.public_key.encode()
                     connect(sock, ep)
                 except MeshError as exc:
                     # A bad endpoint from discovery must not kill the loop.

@@ -31,6 +31,7 @@ from zmqmesh import (
     Message,
     Metrics,
     MonotonicClock,
+    RequestTimeout,
     TransportError,
     close_socket,
     connect,
@@ -160,6 +161,21 @@ class _ClientCore:
             elif event.kind == "removed":
                 actions.extend(m.remove_endpoint(event.endpoint, now))
         return actions
+
+    def tick(self, now: float) -> list[Action | Failed]:
+        """The machine's timers; a server that let a request run out of retries is forgotten.
+
+        Forgetting drops it from a discovery browser's table at once (it comes
+        back when it answers mDNS again), instead of when its records expire.
+        """
+        m = self.machine
+        current = m.endpoint
+        out = m.tick(now)
+        if current and any(type(i) is Failed and type(i.error) is RequestTimeout for i in out):
+            forget = getattr(self.source, "forget", None)
+            if callable(forget):
+                forget(current)  # thread-safe: it only schedules work on discovery's loop
+        return out
 
     def close_socket(self) -> None:
         close_socket(self.sock)
@@ -330,7 +346,7 @@ class Client:
                         continue
             if core.source is not None:
                 self._apply(core.drain_source())
-            for item in m.tick(clock.now()):
+            for item in core.tick(clock.now()):
                 if isinstance(item, Failed):
                     if item.cid == cid:
                         raise item.error
@@ -553,7 +569,7 @@ class AsyncClient:
         core = self._core
         try:
             self._apply(core.drain_source())
-            for item in core.machine.tick(core.clock.now()):
+            for item in core.tick(core.clock.now()):
                 if isinstance(item, Failed):
                     self._resolve(item)
                 else:
