@@ -30,6 +30,7 @@ from zmqmesh import (
     Timeout,
 )
 
+from ._delivery_core import SpoolArg, puller_delivery, pusher_delivery
 from ._pipeline_core import Outgoing, SendCore
 from ._pipeline_io import (
     NB_MORE,
@@ -44,6 +45,7 @@ from ._pipeline_io import (
     send_raw,
     wait_ms,
 )
+from ._proto.delivery import AT_MOST_ONCE, Delivery
 from ._proto.pipeline import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_COUNT,
@@ -242,7 +244,23 @@ class Pusher(_Sender):
     over `max_message_size` is refused with `SendError`: a puller would drop
     the connection. `batch=True` coalesces small messages into one frame;
     see `flush()` and `poll()`.
+
+    `delivery="at-least-once"` (or `spool=PATH` alone) makes an acknowledged
+    pusher instead (`patterns._delivery_sync.AckedPusher`, a subclass):
+    messages are stored in the spool and re-sent until a puller acknowledges
+    them, over DEALER/ROUTER; its pullers need `delivery="at-least-once"` or
+    `"effectively-once"` too. `window` and `ack_timeout` tune it.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Pusher:
+        if cls is Pusher:
+            what = f"pusher {kwargs.get('name', 'pusher')}"
+            chosen = pusher_delivery(kwargs.get("delivery"), kwargs.get("spool"), what)
+            if chosen != AT_MOST_ONCE:
+                from ._delivery_sync import AckedPusher
+
+                return object.__new__(AckedPusher)
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -262,8 +280,13 @@ class Pusher(_Sender):
         batch_linger: float = DEFAULT_BATCH_LINGER,
         clock: Clock | None = None,
         name: str = "pusher",
+        delivery: Delivery | None = None,
+        spool: SpoolArg = None,
+        window: int = 1000,
+        ack_timeout: float = 2.0,
     ) -> None:
         self._what = f"pusher {name}"
+        self.delivery: Delivery = pusher_delivery(delivery, spool, self._what)
         self._core = core = SendCore(
             name=name,
             what=self._what,
@@ -430,7 +453,22 @@ class Puller(_Receiver):
     the puller is closed. Batches are unpacked in order, transparently.
     Messages whose TTL ran out are dropped (`expired`); bad input is counted
     (`decode_errors`), logged once per peer and reason, and dropped.
+
+    `delivery="at-least-once"` or `"effectively-once"` (with `dedup=PATH`,
+    the persisted de-dup window) makes an acknowledging puller instead
+    (`patterns._delivery_sync.AckedPuller`, a subclass) for acknowledged
+    pushers; see its `recv`, `ack` and `serve`.
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Puller:
+        if cls is Puller:
+            what = f"puller {kwargs.get('name', 'puller')}"
+            chosen = puller_delivery(kwargs.get("delivery"), kwargs.get("dedup"), what)
+            if chosen != AT_MOST_ONCE:
+                from ._delivery_sync import AckedPuller
+
+                return object.__new__(AckedPuller)
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -443,8 +481,12 @@ class Puller(_Receiver):
         hwm: int = DEFAULT_HWM,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         name: str = "puller",
+        delivery: Delivery | None = None,
+        dedup: SpoolArg = None,
+        ack_batch: int = 64,
     ) -> None:
         self._what = f"puller {name}"
+        self.delivery: Delivery = puller_delivery(delivery, dedup, self._what)
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, component=name)
         self._ready = self._machine.ready
         self.metrics = self._machine.metrics

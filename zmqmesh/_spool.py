@@ -384,19 +384,28 @@ class _SpoolBase:
         return Op(ADD_DEAD, arg=(*row, blob, first, last, letter.queue))
 
     def _remember_op(self, message_id: bytes) -> Op | None:
+        return self._remember_many_op((message_id,))
+
+    def _remember_many_op(self, message_ids: Iterable[bytes]) -> Op | None:
+        """One op adding every id not yet in the window (None when all were there)."""
         e = self._e
         with e.lock:
             self._expire_dedup()
-            if message_id in e.dedup:
-                return None
-            n = e.dedup_next
-            e.dedup_next += 1
+            rows: list[tuple[int, bytes, int]] = []
             at = int(self._wall() * 1e9)
-            e.dedup[message_id] = (n, at)
+            for message_id in message_ids:
+                if message_id in e.dedup:
+                    continue
+                n = e.dedup_next
+                e.dedup_next += 1
+                e.dedup[message_id] = (n, at)
+                rows.append((n, message_id, at))
+            if not rows:
+                return None
             while len(e.dedup) > e.dedup_max_count:
                 e.dedup.popitem(last=False)
             keep_from = next(iter(e.dedup.values()))[0]
-            return Op(REMEMBER, arg=([(n, message_id, at)], keep_from))
+            return Op(REMEMBER, arg=(rows, keep_from))
 
     def _expire_dedup(self) -> None:
         """Drop ids older than the window (lock held); the delete is queued, not awaited."""
@@ -576,6 +585,16 @@ class Spool(_SpoolBase):
         if wait:
             self._e.wait(op)
         return True
+
+    def remember_many(self, message_ids: Iterable[bytes], *, wait: bool = True) -> int:
+        """Add several ids to the de-dup window in one commit; how many were new."""
+        op = self._remember_many_op(message_ids)
+        if op is None:
+            return 0
+        self._e.submit(op)
+        if wait:
+            self._e.wait(op)
+        return len(op.arg[0])
 
     def flush(self) -> None:
         """Return once everything queued is committed (and, for "batch", fsynced)."""

@@ -219,6 +219,17 @@ class AsyncSpool(_SpoolBase):
             self._e.submit(op)
         return True
 
+    async def remember_many(self, message_ids: Iterable[bytes], *, wait: bool = True) -> int:
+        """Add several ids to the de-dup window in one commit; how many were new."""
+        op = self._remember_many_op(message_ids)
+        if op is None:
+            return 0
+        if wait:
+            await self._submit(op)
+        else:
+            self._e.submit(op)
+        return len(op.arg[0])
+
     async def flush(self) -> None:
         """Return once everything queued is committed (and, for "batch", fsynced)."""
         await self._submit(Op(SYNC))
