@@ -1,0 +1,184 @@
+"""`--service NAME` / `--announce NAME` on the CLI tools: real processes on loopback mDNS."""
+
+from __future__ import annotations
+
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from discovery import Discovery
+from tests._netns import ensure_loopback_multicast
+from zmqmesh.cli import main
+
+pytestmark = pytest.mark.timeout(60)
+
+IFACE = ["--interface", "127.0.0.1"]
+ANY = "tcp://127.0.0.1:*"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _loopback_multicast() -> None:
+    ensure_loopback_multicast()
+
+
+@pytest.fixture
+def svc() -> str:
+    return f"flags-{uuid.uuid4().hex[:8]}"
+
+
+class Tool:
+    """`python -m zmqmesh ARGS` with its stdout and stderr lines on queues."""
+
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "zmqmesh", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.out: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.err: list[str] = []
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self._threads = [
+            threading.Thread(target=self._read, args=(self.proc.stdout, self.out.put)),
+            threading.Thread(target=self._read, args=(self.proc.stderr, self.err.append)),
+        ]
+        for t in self._threads:
+            t.start()
+
+    @staticmethod
+    def _read(stream: IO[str], put: Any) -> None:
+        for line in stream:
+            put(line.rstrip("\n"))
+
+    def line(self, timeout: float = 15.0) -> str:
+        try:
+            return self.out.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(
+                f"no output within {timeout} s; stderr: {' / '.join(self.err)}"
+            ) from None
+
+    def wait(self, timeout: float = 20.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"still running; stderr: {' / '.join(self.err)}") from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        for t in self._threads:
+            t.join(5)
+
+
+@pytest.fixture
+def tools() -> Iterator[list[Tool]]:
+    started: list[Tool] = []
+    try:
+        yield started
+    finally:
+        for tool in started:
+            tool.kill()
+
+
+def test_queue_worker_req_by_service_name(tools: list[Tool], svc: str) -> None:
+    queue_ = Tool("queue", "--frontend", ANY, "--backend", ANY, "--announce", svc, *IFACE)
+    tools.append(queue_)
+    frontend = queue_.line().split()[1]
+    backend = queue_.line().split()[1]
+    tools.append(Tool("worker", "--service", svc, *IFACE, "--echo"))
+    req = Tool("req", "--service", svc, *IFACE, "--timeout", "5", "hello", "world")
+    tools.append(req)
+    assert (req.line(), req.line()) == ("hello", "world")
+    assert req.wait() == 0
+
+    with Discovery(interfaces=["127.0.0.1"]) as disc:
+        browser = disc.browse(service=svc)
+        peers = browser.wait_for(lambda p: len(p) == 2, 10, "the queue's two endpoints")
+        roles = {p.role: p.endpoint for p in peers.values()}
+        assert roles == {"queue": frontend, "queue-backend": backend}
+        browser.drain_events()
+        # SIGTERM: the queue says goodbye before it exits (no waiting out the TTL).
+        queue_.proc.send_signal(signal.SIGTERM)
+        assert queue_.wait() == 0
+        browser.wait_for(lambda p: not p, 5, "the goodbyes")
+        reasons = {ev.reason for ev in browser.drain_events() if ev.kind == "removed"}
+        assert reasons == {"goodbye"}
+
+
+def test_pub_sub_by_service_name(tools: list[Tool], svc: str) -> None:
+    sub = Tool("sub", "--service", svc, *IFACE, "--topic", "t.", "--count", "2", "--timeout", "20")
+    tools.append(sub)
+    pub = Tool(
+        "pub", "--bind", ANY, "--announce", svc, *IFACE, "--wait-timeout", "20", "t.x", "a", "b"
+    )
+    tools.append(pub)
+    assert (sub.line(), sub.line()) == ("t.x a", "t.x b")
+    assert sub.wait() == 0
+    assert pub.wait() == 0
+
+
+def test_push_pull_by_service_name(tools: list[Tool], svc: str) -> None:
+    pull = Tool("pull", "--bind", ANY, "--announce", svc, *IFACE, "--count", "3", "--timeout", "20")
+    tools.append(pull)
+    push = Tool("push", "--service", svc, *IFACE, "--wait-timeout", "20", "1", "2", "3")
+    tools.append(push)
+    assert [pull.line(), pull.line(), pull.line()] == ["1", "2", "3"]
+    assert pull.wait() == 0
+    assert push.wait() == 0
+
+
+def _keygen(directory: Path, name: str) -> None:
+    assert main(["keygen", name, "--out", str(directory)]) == 0
+
+
+def test_curve_keys_from_announcements_and_trust(
+    tools: list[Tool], svc: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    keys, trusted, empty = tmp_path / "keys", tmp_path / "trusted", tmp_path / "empty"
+    for d in (keys, trusted, empty):
+        d.mkdir()
+    _keygen(keys, "puller")
+    capsys.readouterr()
+    (trusted / "puller.key").write_bytes((keys / "puller.key").read_bytes())
+    secret = str(keys / "puller.key_secret")
+    pull = Tool(
+        "pull", "--bind", ANY, "--announce", svc, *IFACE, "--secret-key", secret,
+        "--count", "1", "--timeout", "20",
+    )  # fmt: skip
+    tools.append(pull)
+    # A pusher whose --trust directory lacks the key does not connect ...
+    untrusting = Tool(
+        "push", "--service", svc, *IFACE, "--trust", str(empty), "--wait-timeout", "2", "no"
+    )
+    tools.append(untrusting)
+    assert untrusting.wait() == 1
+    assert any("is not in" in line for line in untrusting.err), untrusting.err
+    # ... one that trusts it takes the server key from the announcement.
+    push = Tool(
+        "push", "--service", svc, *IFACE, "--trust", str(trusted), "--wait-timeout", "20", "yes"
+    )
+    tools.append(push)
+    assert pull.line() == "yes"
+    assert pull.wait() == 0
+    assert push.wait() == 0
+
+
+def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["worker", "--echo"]) == 2
+    assert "--connect EP or --service NAME" in capsys.readouterr().err
+    assert main(["push", "--announce", "x", "--connect", "tcp://127.0.0.1:1", "a"]) == 2
+    assert "--announce needs --bind" in capsys.readouterr().err
+    assert main(["req", "hello"]) == 2
+    assert "--service NAME" in capsys.readouterr().err
