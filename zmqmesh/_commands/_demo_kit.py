@@ -1,0 +1,360 @@
+"""The stage crew of `zmqmesh demo`: narration, waits, child processes, the relay.
+
+`demo.py` tells the story; this module owns everything that must be started
+and, above all, stopped again: child processes (killed by process group, so a
+worker's command dies with it), the relay node (a subprocess, or a thread of
+this process while `zmqmesh relay` does not exist), and the probes the tour
+needs (does multicast work on loopback?). Nothing here sleeps to synchronise:
+every wait is a condition polled against a deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import selectors
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Final, Protocol, TypeVar
+
+import zmq
+
+from .._config import RelayConfig
+from .._errors import MeshError, Timeout
+from .._metrics import Metrics
+
+__all__ = [
+    "Children",
+    "InProcessRelay",
+    "Narrator",
+    "Relay",
+    "format_metrics",
+    "loopback_multicast_works",
+    "wait_for",
+    "write_job_script",
+]
+
+T = TypeVar("T")
+
+_POLL: Final = 0.01  # how often a wait looks at its condition again
+_MULTICAST_GROUP: Final = "239.255.77.78"  # administratively scoped (RFC 2365), unused by mDNS
+
+
+class Narrator:
+    """Short plain lines, numbered steps, and the time since the start on each step."""
+
+    def __init__(self, out: IO[str] | None = None) -> None:
+        self._out = out or sys.stdout
+        self._t0 = time.monotonic()
+        self._step = 0
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self._t0
+
+    def _print(self, text: str) -> None:
+        print(text, file=self._out, flush=True)
+
+    def title(self, text: str) -> None:
+        self._print(text)
+
+    def step(self, title: str) -> None:
+        self._step += 1
+        self._print(f"\n{self._step}. {title}  [{self.elapsed:.1f} s]")
+
+    def say(self, text: str) -> None:
+        """What happens and why, as a guide would put it."""
+        self._print(f"   {text}")
+
+    def saw(self, text: str) -> None:
+        """What was observed."""
+        self._print(f"   -> {text}")
+
+    def lines(self, rows: Sequence[str]) -> None:
+        for row in rows:
+            self._print(f"      {row}")
+
+
+def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
+    """Poll `condition` until it returns something truthy; `Timeout` naming `what` otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = condition()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise Timeout(f"demo: {what} did not happen within {timeout:g} s")
+        # A pause between looks at a condition that has a deadline, not a
+        # synchronising sleep: the condition decides when the demo goes on.
+        time.sleep(_POLL)
+
+
+def loopback_multicast_works(timeout: float = 0.5) -> bool:
+    """Whether a multicast datagram sent out of 127.0.0.1 comes back (mDNS needs that).
+
+    Linux loops multicast back to local members even when `lo` lacks the
+    MULTICAST flag; some systems and containers do not, and only root can
+    change that (`ip link set lo multicast on`), which the demo never asks for.
+    """
+    recv = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    send = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        recv.bind(("", 0))
+        port = recv.getsockname()[1]
+        membership = socket.inet_aton(_MULTICAST_GROUP) + socket.inet_aton("127.0.0.1")
+        recv.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+        send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton("127.0.0.1"))
+        send.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        token = os.urandom(8)
+        send.sendto(token, (_MULTICAST_GROUP, port))
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            recv.settimeout(left)
+            data, _ = recv.recvfrom(64)
+            if data == token:
+                return True
+        return False
+    except OSError:  # includes socket.timeout
+        return False
+    finally:
+        recv.close()
+        send.close()
+
+
+class Children:
+    """Child processes, each in its own process group, all gone when `close()` returns.
+
+    A worker running `-- CMD` has children of its own; SIGKILL to the group
+    takes them along, which SIGKILL to the worker alone would not.
+    """
+
+    def __init__(self, logdir: Path) -> None:
+        self._logdir = logdir
+        self._procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def spawn(self, name: str, argv: Sequence[str], *, stdout_pipe: bool = False) -> int:
+        """Start `argv`; stderr (and stdout unless piped) go to LOGDIR/NAME.log. Its pid."""
+        log = open(self._logdir / f"{name}.log", "wb")  # noqa: SIM115 - the child holds it
+        try:
+            proc = subprocess.Popen(
+                list(argv),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE if stdout_pipe else log,
+                stderr=log,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        finally:
+            log.close()
+        self._procs[name] = proc
+        return proc.pid
+
+    def proc(self, name: str) -> subprocess.Popen[bytes]:
+        return self._procs[name]
+
+    def log_tail(self, name: str, lines: int = 5) -> str:
+        try:
+            text = (self._logdir / f"{name}.log").read_text(errors="replace")
+        except OSError:
+            return ""
+        return " / ".join(text.strip().splitlines()[-lines:])
+
+    def check_alive(self, name: str) -> None:
+        proc = self._procs[name]
+        if proc.poll() is not None:
+            tail = self.log_tail(name)
+            raise MeshError(
+                f"demo: {name} (pid {proc.pid}) exited with status {proc.returncode}"
+                + (f": {tail}" if tail else "")
+            )
+
+    def read_line(self, name: str, timeout: float, what: str) -> str:
+        """The next line `name` prints on stdout (spawned with `stdout_pipe`)."""
+        proc = self._procs[name]
+        assert proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Timeout(f"demo: {what} did not happen within {timeout:g} s")
+                if sel.select(left):
+                    line = proc.stdout.readline()
+                    if not line:
+                        self.check_alive(name)
+                        raise MeshError(f"demo: {name} closed its output before {what}")
+                    return line.decode(errors="replace").rstrip("\n")
+
+    def kill(self, name: str) -> None:
+        """SIGKILL the process group of `name` and reap it."""
+        proc = self._procs[name]
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+    def stop(self, name: str, grace: float) -> int | None:
+        """SIGTERM, then SIGKILL after `grace` s; the exit status (None if it was killed)."""
+        proc = self._procs[name]
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                self.kill(name)
+                return None
+        return proc.returncode
+
+    def close(self, grace: float = 3.0) -> None:
+        """Stop every child still running (SIGTERM, then SIGKILL) and close their pipes."""
+        for name in list(self._procs):
+            self.stop(name, grace)
+            proc = self._procs.pop(name)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+class Relay(Protocol):
+    """What the tour needs of a relay node, however it runs."""
+
+    how: str  # one line for the narration: where it runs
+    queue_frontend: str
+    queue_backend: str
+    forwarder_frontend: str
+    forwarder_backend: str
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        """Every component's counters and gauges, by component name."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class InProcessRelay:
+    """The relay of a config file as threads of this process: a Forwarder and a Queue.
+
+    It announces what the config says to announce with its own `Discovery`,
+    as a relay process would (role `queue` for the frontend clients use,
+    `queue-backend` for the one workers use, `forwarder` for both forwarder
+    sides, told apart by socket type).
+    """
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        mdns: bool,
+    ) -> None:
+        from discovery import Discovery
+        from patterns.pirate import Queue
+        from patterns.pubsub import Forwarder
+
+        fwd_cfg, queue_cfg = config.forwarder[0], config.queue[0]
+        self.how = "as threads of this process (a Forwarder and a Queue)"
+        self._closers: list[Callable[[], None]] = []
+        try:
+            fwd = Forwarder(
+                frontend=fwd_cfg.frontend, backend=fwd_cfg.backend, ctx=ctx, name=fwd_cfg.name
+            ).start()
+            self._closers.append(fwd.close)
+            queue = Queue(
+                frontend=queue_cfg.frontend,
+                backend=queue_cfg.backend,
+                heartbeat=queue_cfg.heartbeat,
+                liveness=queue_cfg.liveness,
+                max_attempts=queue_cfg.max_attempts,
+                ctx=ctx,
+                name=queue_cfg.name,
+            ).start()
+            self._closers.append(queue.close)
+            self._metrics: list[Metrics] = [fwd.metrics, queue.metrics]
+            self.forwarder_frontend = fwd.frontend_endpoints[0]
+            self.forwarder_backend = fwd.backend_endpoints[0]
+            self.queue_frontend = queue.frontend_endpoints[0]
+            self.queue_backend = queue.backend_endpoints[0]
+            if mdns:
+                disc = Discovery(interfaces=config.node.interfaces or None)
+                self._closers.append(disc.close)  # goodbyes for every announcement
+                announce = disc.announce
+                if queue_cfg.announce:
+                    svc = queue_cfg.announce
+                    # Default names hold node id and port, unique by construction:
+                    # no need for the ~0.9 s RFC 6762 probe.
+                    announce(self.queue_frontend, service=svc, role="queue", probe=False)
+                    announce(self.queue_backend, service=svc, role="queue-backend", probe=False)
+                if fwd_cfg.announce:
+                    svc = fwd_cfg.announce
+                    announce(self.forwarder_backend, service=svc, role="forwarder", probe=False)
+                    announce(
+                        self.forwarder_frontend,
+                        service=svc,
+                        role="forwarder",
+                        socket_type="XSUB",
+                        probe=False,
+                    )
+        except BaseException:
+            self.close()
+            raise
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {m.component: m.snapshot() for m in self._metrics}
+
+    def close(self) -> None:
+        while self._closers:
+            self._closers.pop()()
+
+
+def write_job_script(directory: Path) -> Path:
+    """The command the demo workers run per request (`zmqmesh worker -- sh job.sh NAME`)."""
+    path = directory / "job.sh"
+    path.write_text(
+        "# One demo job: the request body on stdin, the reply on stdout.\n"
+        '# Usage: sh job.sh WORKER-NAME MARK-DIR. A body starting with "long" takes\n'
+        "# half a second and first leaves MARK-DIR/WORKER-NAME.busy, so the demo\n"
+        "# can tell which worker holds it.\n"
+        'name=$1 marks=$2\nbody=$(cat)\ncase $body in\n  long*) : > "$marks/$name.busy"; '
+        "sleep 0.5 ;;\nesac\n"
+        'printf \'%s -> done by %s\' "$body" "$name"\n'
+    )
+    return path
+
+
+def format_metrics(
+    stats: Mapping[str, Mapping[str, float]], *, skip: Sequence[str] = ("_sum", "_count")
+) -> list[str]:
+    """A COMPONENT / METRIC / VALUE table of the non-zero values, one row each."""
+    rows = [("COMPONENT", "METRIC", "VALUE")]
+    for component, values in stats.items():
+        for key in sorted(values):
+            value = values[key]
+            if not value or key.endswith(tuple(skip)):
+                continue
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+            rows.append((component, key, text))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    return [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
+
+
+@contextlib.contextmanager
+def interrupt_on_sigterm() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every child and socket is still cleaned up."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

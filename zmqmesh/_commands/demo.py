@@ -1,0 +1,480 @@
+"""`zmqmesh demo`: a whole mesh on this machine, narrated, in about ten seconds.
+
+    zmqmesh demo                 # the tour
+    zmqmesh demo --no-mdns       # as on a network without multicast: static peers
+
+Six numbered steps: a relay node (forwarder + Paranoid Pirate queue) announced
+by mDNS; workers and clients that find it by service name; requests flowing
+while a worker is SIGKILLed mid-request and its request finishes elsewhere;
+pub/sub with a late joiner served the last value and a slow subscriber that
+reports its gap; CURVE with an allow-list refusing a plain-text client; the
+metrics of every component. Everything runs on 127.0.0.1 in a temporary
+directory, and everything it starts is stopped before it exits (child
+processes by process group, sockets with linger 0). Exit 0 when the tour
+went as narrated, 1 when a step did not happen in time (the message says
+which).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Final
+
+import zmq
+
+from .._config import load_config
+from .._errors import DiscoveryError, MeshError, SendError
+from .._sources import EndpointSource, StaticPeers
+from ._demo_kit import (
+    Children,
+    InProcessRelay,
+    Narrator,
+    Relay,
+    format_metrics,
+    interrupt_on_sigterm,
+    loopback_multicast_works,
+    wait_for,
+    write_job_script,
+)
+
+__all__ = ["register", "run"]
+
+HEARTBEAT: Final = 0.3  # queue and workers: a silent worker is dead after 1.5 s
+LIVENESS: Final = 5
+REQUESTS: Final = 10
+TICKS: Final = 50_000  # a burst well over what the pipes to a slow subscriber hold
+TICK_SIZE: Final = 1000
+STEP_TIMEOUT: Final = 10.0  # the longest any one thing may take before the demo gives up
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    parser = sub.add_parser(
+        "demo",
+        help="a narrated tour of every pattern on this machine (about 10 s)",
+        description="Run a whole mesh on 127.0.0.1 and say what happens: a relay node "
+        "announced by mDNS, workers and clients finding it by name, a worker SIGKILLed "
+        "mid-request, pub/sub with a late joiner and a gap, CURVE refusing a plain-text "
+        "client, and the metrics. Leaves nothing running.",
+    )
+    parser.add_argument(
+        "--no-mdns",
+        action="store_true",
+        help="do not use multicast DNS: connect through a static peer list, as on a "
+        "network without multicast",
+    )
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the relay as threads of this process instead of 'zmqmesh relay'",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    say = Narrator()
+    token = secrets.token_hex(3)  # service names of this run, so parallel runs keep apart
+    tmp = Path(tempfile.mkdtemp(prefix="zmqmesh-demo-"))
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    say.title(f"zmqmesh demo: a whole mesh on this machine, in six steps (files in {tmp}).")
+    try:
+        with interrupt_on_sigterm(), contextlib.ExitStack() as stack:
+            children = Children(tmp)
+            stack.callback(children.close)
+            tour = _Tour(say, tmp, token, ctx, children, stack, args)
+            tour.run()
+            say.step("Closing down")
+            say.say("Workers get SIGTERM, the relay sends mDNS goodbyes, sockets close (linger 0).")
+    finally:
+        _term(ctx)
+        shutil.rmtree(tmp, ignore_errors=True)
+    say.saw(f"done in {say.elapsed:.1f} s; nothing left running.")
+    return 0
+
+
+def _term(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    """Terminate the context; a socket left open is a bug, reported instead of hanging."""
+    done = threading.Event()
+
+    def term() -> None:
+        ctx.term()
+        done.set()
+
+    t = threading.Thread(target=term, name="zmqmesh-demo-term", daemon=True)
+    t.start()
+    t.join(5.0)
+    if not done.is_set():
+        print("zmqmesh demo: a socket was left open (a bug); exiting anyway", file=sys.stderr)
+
+
+class _Tour:
+    """The six steps, in order; each leaves what it started on the exit stack."""
+
+    def __init__(
+        self,
+        say: Narrator,
+        tmp: Path,
+        token: str,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        children: Children,
+        stack: contextlib.ExitStack,
+        args: argparse.Namespace,
+    ) -> None:
+        self.say = say
+        self.tmp = tmp
+        self.ctx = ctx
+        self.children = children
+        self.stack = stack
+        self.args = args
+        self.jobs = f"jobs-{token}"
+        self.ticks = f"ticks-{token}"
+        self.mdns = False
+        self.disc: Any = None  # discovery.Discovery when mDNS works
+        self.relay: Relay
+        self.local: list[Any] = []  # this process's components, for the metrics table
+
+    def run(self) -> None:
+        self.step_relay()
+        queue_source, forwarder = self.step_discovery()
+        client = self.step_requests(queue_source)
+        self.step_pubsub(*forwarder)
+        self.step_curve()
+        self.step_metrics(client)
+
+    # ----------------------------------------------------------------- 1. relay
+
+    def step_relay(self) -> None:
+        say = self.say
+        say.step("A relay node: a pub/sub forwarder and a Paranoid Pirate queue")
+        say.say("A relay is the fixed point of a mesh: publishers and subscribers meet at")
+        say.say("its forwarder 'ticks', clients and workers at its queue 'jobs'. It announces")
+        say.say("both by mDNS, so nobody needs to be told a port.")
+        self.mdns = not self.args.no_mdns and loopback_multicast_works()
+        path = self.tmp / "relay.toml"
+        path.write_text(self._config_text(self.mdns))
+        config = load_config(path)  # the same validation `zmqmesh relay --check` does
+        self.relay = self._start_relay(path)
+        self.stack.callback(self.relay.close)
+        r = self.relay
+        say.saw(f"relay running {r.how}; config {path.name}:")
+        say.lines(
+            [
+                f"forwarder ticks: publishers -> {r.forwarder_frontend}, "
+                f"subscribers -> {r.forwarder_backend}",
+                f"queue jobs: clients -> {r.queue_frontend}, workers -> {r.queue_backend}",
+                f"heartbeats every {config.queue[0].heartbeat:g} s both ways; a worker silent "
+                f"for {config.queue[0].heartbeat * config.queue[0].liveness:g} s is dead",
+            ]
+        )
+
+    def _config_text(self, announce: bool) -> str:
+        jobs = f'announce = "{self.jobs}"\n' if announce else ""
+        ticks = f'announce = "{self.ticks}"\n' if announce else ""
+        return (
+            "# Written by `zmqmesh demo`: the relay of the tour.\n"
+            '[node]\nname = "demo-relay"\ncontrol = "tcp://127.0.0.1:*"\n'
+            'interfaces = ["127.0.0.1"]\ngrace = 1.0\n\n'
+            '[[forwarder]]\nname = "ticks"\nfrontend = "tcp://127.0.0.1:*"\n'
+            f'backend = "tcp://127.0.0.1:*"\n{ticks}\n'
+            '[[queue]]\nname = "jobs"\nfrontend = "tcp://127.0.0.1:*"\n'
+            f'backend = "tcp://127.0.0.1:*"\nheartbeat = {HEARTBEAT}\nliveness = {LIVENESS}\n'
+            f"max_attempts = 3\n{jobs}"
+        )
+
+    def _start_relay(self, path: Path) -> Relay:
+        """The relay of the config at `path`; the one place that decides how it runs."""
+        config = load_config(path)
+        return InProcessRelay(config, ctx=self.ctx, mdns=self.mdns)
+
+    # ------------------------------------------------------------- 2. discovery
+
+    def step_discovery(self) -> tuple[EndpointSource, tuple[str, str]]:
+        say = self.say
+        say.step("Finding each other by service name (mDNS / DNS-SD)")
+        r = self.relay
+        if self.mdns:
+            from discovery import Discovery
+
+            self.disc = disc = Discovery(interfaces=["127.0.0.1"])
+            self.stack.callback(disc.close)
+            say.say(f"The relay announced '{self.jobs}' and '{self.ticks}' on 127.0.0.1.")
+            say.say("We ask for them by name, as any client or worker on the LAN would:")
+            try:
+                t0 = time.monotonic()
+                peers = [
+                    *disc.resolve(self.jobs, role=("queue", "queue-backend"), timeout=5),
+                    *disc.resolve(self.ticks, role="forwarder", timeout=5),
+                ]
+                ms = (time.monotonic() - t0) * 1000
+            except DiscoveryError as exc:
+                say.saw(f"mDNS did not answer ({exc}); falling back to a static peer list")
+                self.mdns = False
+            else:
+                say.lines([f"{p.service:<13} {p.role:<14} {p.endpoint}" for p in peers])
+                say.saw(f"resolved {len(peers)} endpoints in {ms:.0f} ms")
+                backend = _pick(peers, "queue-backend")
+                front = _pick(peers, "forwarder", "XSUB")
+                back = _pick(peers, "forwarder", "XPUB")
+                self.worker_connect = backend
+                from discovery import ServiceSource
+
+                source = ServiceSource(self.jobs, role="queue", discovery=disc)
+                self.stack.callback(source.close)
+                # The client follows the service from now on; wait for its first peer.
+                wait_for(lambda: source.peers, STEP_TIMEOUT, f"a peer of {self.jobs}")
+                return source, (front, back)
+        if not self.args.no_mdns and not self.mdns:
+            say.say("Multicast does not work on 127.0.0.1 here (it needs `ip link set lo")
+            say.say("multicast on`, which takes root), so mDNS cannot run.")
+        say.say("Without multicast the same code takes a static peer list instead:")
+        say.say("zmqmesh.StaticPeers([...]) has the API of a discovery browser.")
+        say.saw(f"static peers: queue {r.queue_frontend}, workers {r.queue_backend}")
+        self.worker_connect = r.queue_backend
+        return StaticPeers([r.queue_frontend]), (r.forwarder_frontend, r.forwarder_backend)
+
+    # -------------------------------------------------------------- 3. requests
+
+    def step_requests(self, source: EndpointSource) -> Any:
+        from patterns.reqrep import Client
+
+        say = self.say
+        say.step("Requests through the queue; a worker SIGKILLed mid-request")
+        job = write_job_script(self.tmp)
+        marks = self.tmp / "marks"
+        marks.mkdir()
+        names = ("w1", "w2")
+        pids = {}
+        for name in names:
+            argv = [sys.executable, "-m", "zmqmesh", "worker", "--connect", self.worker_connect]
+            argv += ["--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS), "--name", name]
+            argv += ["--", "sh", str(job), name, str(marks)]
+            pids[name] = self.children.spawn(name, argv)
+        say.say("Two workers start as processes of their own (zmqmesh worker -- sh job.sh),")
+        say.say("connect to the backend found by name, and say READY (RFC 6).")
+        wait_for(self._workers_idle(2), STEP_TIMEOUT, "two workers joining the queue")
+        say.saw(f"w1 (pid {pids['w1']}) and w2 (pid {pids['w2']}) are idle at the queue")
+
+        client = Client(source=source, ctx=self.ctx, timeout=STEP_TIMEOUT, retries=1, name="client")
+        self.stack.callback(client.close)
+        self.local.append(client)
+        done_by: Counter[str] = Counter()
+        for i in range(1, REQUESTS + 1):
+            body = client.request(f"job {i}".encode()).body.decode()
+            done_by[body.rpartition(" ")[2]] += 1
+        split = ", ".join(f"{n} did {done_by[n]}" for n in names)
+        say.saw(f"{REQUESTS} requests answered: {split} (least recently used worker first)")
+
+        say.say("Now a long job (half a second). Whichever worker takes it is SIGKILLed")
+        say.say("while it works, and its command with it (the whole process group).")
+        killed: list[str] = []
+        failed: list[BaseException] = []
+
+        def saboteur() -> None:
+            try:
+                busy = wait_for(
+                    lambda: [n for n in names if (marks / f"{n}.busy").exists()],
+                    STEP_TIMEOUT,
+                    "a worker starting the long job",
+                )
+                self.children.kill(busy[0])
+                killed.append(busy[0])
+            except BaseException as exc:
+                failed.append(exc)
+
+        t = threading.Thread(target=saboteur, name="zmqmesh-demo-saboteur", daemon=True)
+        t.start()
+        t0 = time.monotonic()
+        try:
+            reply = client.request(b"long job", timeout=STEP_TIMEOUT, retries=0).body.decode()
+        finally:
+            t.join()
+        took = time.monotonic() - t0
+        if failed:
+            raise failed[0]
+        victim = killed[0]
+        redispatches = wait_for(
+            lambda: self.relay.stats()["jobs"].get("redispatches", 0),
+            STEP_TIMEOUT,
+            "the queue counting the re-dispatch",
+        )
+        say.saw(f"worker {victim} (pid {pids[victim]}) was killed holding 'long job'")
+        say.saw(
+            f"the queue heard nothing from {victim} for {HEARTBEAT * LIVENESS:g} s, declared it "
+            f"dead and re-dispatched its request: redispatches = {redispatches:g}"
+        )
+        finisher = reply.rpartition(" ")[2]
+        say.saw(f"request finished on another worker: '{reply}' ({took:.1f} s, no retry needed)")
+        if finisher == victim:
+            raise MeshError(f"demo: the long job came back from {victim}, which was killed")
+        return client
+
+    def _workers_idle(self, n: int) -> Any:
+        return lambda: self.relay.stats()["jobs"].get("workers_idle", 0) >= n
+
+    # ---------------------------------------------------------------- 4. pubsub
+
+    def step_pubsub(self, frontend: str, backend: str) -> None:
+        from patterns.pubsub import Gap, Publisher, Subscriber
+
+        say = self.say
+        say.step("Pub/sub through the forwarder: a late joiner, and a gap")
+        ctx = self.ctx
+        early = Subscriber(connect=backend, topics=["prices."], ctx=ctx, name="early")
+        self.stack.callback(early.close)
+        pub = Publisher(connect=frontend, last_value=True, when_full="block", ctx=ctx, name="feed")
+        self.stack.callback(pub.close)
+        self.local += [pub, early]
+        pub.wait_for_subscribers(1, timeout=STEP_TIMEOUT, topic="prices.")
+        quotes = [("prices.eurusd", "1.0842"), ("prices.gbpusd", "1.2650")]
+        quotes.append(("prices.eurusd", "1.0845"))
+        for topic, value in quotes:
+            pub.publish(topic, value.encode())
+        for _ in quotes:
+            early.recv(timeout=STEP_TIMEOUT)
+        say.say("The publisher keeps the last value per topic. 'early' got 3 quotes;")
+        say.say("'late' subscribes afterwards to the same prefix 'prices.':")
+        late = Subscriber(connect=backend, topics=["prices."], ctx=ctx, name="late")
+        self.stack.callback(late.close)
+        self.local.append(late)
+        got = sorted(
+            (m.topic.decode(), m.body.decode())
+            for m in (late.recv(timeout=STEP_TIMEOUT) for _ in range(2))
+        )
+        values = ", ".join(f"{t} = {v}" for t, v in got)
+        say.saw(f"late joiner got the last value of each topic at once: {values}")
+        pub.publish("prices.eurusd", b"1.0846")
+        early.recv(timeout=STEP_TIMEOUT)
+        late.recv(timeout=STEP_TIMEOUT)
+        dups = early.metrics.get("duplicates")
+        say.saw(f"'early' saw the replays too and dropped them as duplicates (duplicates = {dups})")
+
+        say.say(f"A subscriber 'slow' that does not read while {TICKS:,} ticks of {TICK_SIZE} B")
+        say.say("go by: the forwarder's pipe to it fills up (its high-water mark) and ZeroMQ")
+        say.say("drops what does not fit. Every message is numbered, so 'slow' knows.")
+        gaps: list[Gap] = []
+        slow = Subscriber(
+            connect=backend, topics=["ticks."], hwm=100, on_gap=gaps.append, ctx=ctx, name="slow"
+        )
+        self.stack.callback(slow.close)
+        self.local.append(slow)
+        pub.wait_for_subscribers(1, timeout=STEP_TIMEOUT, topic="ticks.")
+        sent = received = 0
+        for burst in (TICKS, 2 * TICKS):  # a second, bigger burst if the first fit
+            body = bytes(TICK_SIZE)
+            for _ in range(burst):
+                pub.publish("ticks.eurusd", body)
+            sent += burst
+            received += self._drain(pub, slow)
+            if gaps:
+                break
+        if not gaps:
+            raise MeshError(f"demo: {sent:,} ticks fitted into the pipes; no gap to show")
+        missed = sum(g.missed for g in gaps)
+        first = gaps[0]
+        say.saw(
+            f"slow received {received:,} of {sent:,} ticks and reported {len(gaps)} sequence "
+            f"gap(s), {missed:,} messages missed (first: expected #{first.expected:,}, "
+            f"got #{first.received:,})"
+        )
+
+    def _drain(self, pub: Any, slow: Any) -> int:
+        """Read `slow` up to an end marker (re-sent while the pipe may still drop it)."""
+        from zmqmesh import Timeout
+
+        received = 0
+        pub.publish("ticks.end", b"")
+        deadline = time.monotonic() + STEP_TIMEOUT
+        while time.monotonic() < deadline:
+            try:
+                msg = slow.recv(timeout=0.5)
+            except Timeout:
+                pub.publish("ticks.end", b"")  # the first marker was dropped too
+                continue
+            if msg.topic == b"ticks.end":
+                return received
+            received += 1
+        raise MeshError(f"demo: the slow subscriber did not catch up in {STEP_TIMEOUT:g} s")
+
+    # ----------------------------------------------------------------- 5. CURVE
+
+    def step_curve(self) -> None:
+        from patterns.pipeline import Puller, Pusher
+
+        from .._security import client_curve, server_curve, write_certificate
+
+        say = self.say
+        say.step("CURVE: encryption, an allow-list, and a plain-text client refused")
+        keys, allow = self.tmp / "keys", self.tmp / "allow"
+        server = write_certificate(keys, "server")
+        alice = write_certificate(keys, "alice")
+        allow.mkdir()
+        shutil.copy(alice.public_file, allow / "alice.key")
+        say.say("Key pairs for a server and for alice (what `zmqmesh keygen` writes);")
+        say.say("alice's public key goes into the server's allow-list directory.")
+        say.saw(f"server public key {server.public_key.decode()} ({server.public_file.name})")
+        ctx = self.ctx
+        vault = Puller(
+            bind="tcp://127.0.0.1:*",
+            curve=server_curve(server.secret_file, allow=allow),
+            ctx=ctx,
+            name="vault",
+        )
+        self.stack.callback(vault.close)
+        self.local.append(vault)
+        sender = Pusher(
+            connect=vault.endpoints[0],
+            curve=client_curve(alice.secret_file, server.public_file),
+            ctx=ctx,
+            send_timeout=STEP_TIMEOUT,
+            name="alice",
+        )
+        self.stack.callback(sender.close)
+        sender.send(b"the launch codes")
+        msg = vault.recv(timeout=STEP_TIMEOUT)
+        say.saw(
+            f"alice -> vault over CURVE: '{msg.body.decode()}', encrypted on the wire "
+            f"(curve_accepted = {vault.metrics.get('curve_accepted')})"
+        )
+        say.say("Now a client without keys tries the same server:")
+        plain = Pusher(connect=vault.endpoints[0], ctx=ctx, send_timeout=0.3, name="plain")
+        self.stack.callback(plain.close)
+        wait_for(
+            lambda: vault.metrics.get("curve_refused_plaintext"),
+            STEP_TIMEOUT,
+            "the server refusing the plain-text client",
+        )
+        try:
+            plain.send(b"let me in")
+        except SendError:
+            outcome = "its send gave up (SendError): no connection ever completed"
+        else:
+            raise MeshError("demo: the plain-text client's message was taken")
+        say.saw(f"plain-text client refused in the handshake; {outcome}")
+        say.saw(f"server counted curve_refused_plaintext = {vault.metrics.get('curve_refused')}")
+
+    # --------------------------------------------------------------- 6. metrics
+
+    def step_metrics(self, client: Any) -> None:
+        say = self.say
+        say.step("The metrics table")
+        say.say("Every component counts what it did and what it dropped; the relay's")
+        say.say("components are read from it, this process's from their .metrics.")
+        stats = self.relay.stats()
+        for comp in self.local:
+            stats[comp.metrics.component] = comp.metrics.snapshot()
+        say.lines(format_metrics(stats))
+
+
+def _pick(peers: list[Any], role: str, socket_type: str | None = None) -> str:
+    for p in peers:
+        if p.role == role and (socket_type is None or p.socket_type == socket_type):
+            return str(p.endpoint)
+    raise MeshError(f"demo: mDNS found no {role} {socket_type or ''} endpoint".replace("  ", " "))
