@@ -10,6 +10,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -138,3 +139,115 @@ def test_ipv6_endpoint_found_across_hosts(netns3: NetnsLab) -> None:
     event = browser.event()
     assert (event["kind"], event["name"]) == ("added", name_b)
     assert event["endpoint"] == f"tcp://[{address6}]:41002"
+
+
+class Tool:
+    """`zmqmesh ARGS` in one host; stdout and stderr lines arrive on queues."""
+
+    def __init__(self, lab: NetnsLab, host: str, *args: str) -> None:
+        self.proc = lab.spawn(
+            host,
+            [sys.executable, "-m", "zmqmesh", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.out: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self.err: queue.SimpleQueue[str] = queue.SimpleQueue()
+        for stream, lines in ((self.proc.stdout, self.out), (self.proc.stderr, self.err)):
+            threading.Thread(target=self._read, args=(stream, lines), daemon=True).start()
+
+    @staticmethod
+    def _read(stream: Any, lines: queue.SimpleQueue[str]) -> None:
+        for line in stream:
+            lines.put(line.rstrip("\n"))
+
+    def line(self, timeout: float) -> str:
+        try:
+            return self.out.get(timeout=timeout)
+        except queue.Empty:
+            raise AssertionError(f"no output within {timeout} s") from None
+
+    def send(self, line: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+
+    def stats_until(self, predicate: Any, deadline: float, what: str) -> dict[str, float]:
+        """Read `--stats` JSON lines from stderr until one satisfies `predicate`."""
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"the queue never showed {what}")
+            try:
+                text = self.err.get(timeout=left)
+            except queue.Empty:
+                continue
+            if not text.startswith("{"):
+                continue
+            stats: dict[str, float] = json.loads(text)
+            if predicate(stats):
+                return stats
+
+    def err_until(self, needle: str, deadline: float) -> str:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{needle!r} never appeared on stderr")
+            try:
+                text = self.err.get(timeout=left)
+            except queue.Empty:
+                continue
+            if needle in text:
+                return text
+
+
+HEARTBEAT, LIVENESS = 0.5, 3
+WINDOW = HEARTBEAT * LIVENESS  # the PPP liveness window, 1.5 s
+
+
+def _workers(stats: dict[str, float]) -> int:
+    return int(stats.get("workers_idle", 0) + stats.get("workers_busy", 0))
+
+
+def test_queue_worker_client_by_service_name_and_a_worker_cut_off(netns3: NetnsLab) -> None:
+    """Issue 5: queue on a, worker on b, client on c; b cut off; a second worker on c."""
+    lab = netns3
+    svc = "jobs"
+    beat = ["--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS)]
+    queue_a = Tool(
+        lab, "a", "queue", "--frontend", "tcp://*:5555", "--backend", "tcp://*:5556",
+        "--announce", svc, *beat, "--stats", "0.1",
+    )  # fmt: skip
+    assert queue_a.line(10).startswith("frontend ")
+    assert queue_a.line(5).startswith("backend ")
+    # -vv: the worker logs when its browser drops the silent queue (debug).
+    worker_b = Tool(lab, "b", "-vv", "worker", "--service", svc, "--echo", *beat)
+    queue_a.stats_until(lambda s: _workers(s) == 1, time.monotonic() + 10, "b's worker")
+
+    client_c = Tool(lab, "c", "req", "--service", svc, "--timeout", "3", "--retries", "3")
+    client_c.send("r0")
+    assert client_c.line(10) == "r0"
+    worker_c = Tool(lab, "c", "worker", "--service", svc, "--echo", *beat)
+    queue_a.stats_until(lambda s: _workers(s) == 2, time.monotonic() + 10, "two workers")
+
+    # b's cable is pulled: no goodbye, no FIN. Its mDNS records would live on
+    # for their TTL (120 s); the queue's heartbeats say within 1.5 s.
+    lab.cut("b")
+    cut_at = time.monotonic()
+    stats = queue_a.stats_until(
+        lambda s: _workers(s) == 1, cut_at + WINDOW + 3, "b's worker expire"
+    )
+    elapsed = time.monotonic() - cut_at
+    assert stats["workers_expired"] == 1
+    assert elapsed < WINDOW + 2.5, f"b stayed in the queue's table {elapsed:.2f} s"
+
+    # Requests still succeed, through the worker on c.
+    for i in range(1, 6):
+        client_c.send(f"r{i}")
+        assert client_c.line(10) == f"r{i}"
+    # b's side: its worker heard nothing within the window either and dropped
+    # the queue from its browser's table (forgotten, not waiting for the TTL).
+    worker_b.err_until("forgotten", time.monotonic() + 5)
+    assert worker_c.proc.poll() is None and queue_a.proc.poll() is None
