@@ -23,7 +23,7 @@ from zmqmesh import (
     decode_header,
     encode_header,
 )
-from zmqmesh._spool import _SpoolBase
+from zmqmesh._spool import Spool, _SpoolBase
 
 from ._proto.delivery import (
     AT_LEAST_ONCE,
@@ -39,6 +39,7 @@ __all__ = [
     "SpoolArg",
     "ack_frames",
     "fetch_rows",
+    "open_spool",
     "pusher_delivery",
     "puller_delivery",
     "read_ack",
@@ -52,6 +53,17 @@ log = logging.getLogger("zmqmesh.pipeline")
 SpoolArg = str | os.PathLike[str] | _SpoolBase | None
 _EMPTY: Final = b""
 _log_once: Final = LogOnce(log)
+
+
+def open_spool(spool: SpoolArg, what: str) -> tuple[Spool, bool]:
+    """An open blocking `Spool` and whether this end owns (and closes) it."""
+    if isinstance(spool, Spool):
+        return spool, False
+    if isinstance(spool, _SpoolBase):
+        raise LocalProtocolError(f"{what}: an AsyncSpool belongs to an asyncio end; pass a Spool")
+    if spool is None:
+        raise LocalProtocolError(f"{what}: needs a spool path")
+    return Spool(spool, name=what), True
 
 
 def pusher_delivery(delivery: object, spool: SpoolArg, what: str) -> Delivery:

@@ -24,17 +24,17 @@ from zmqmesh import (
     Clock,
     CurveOptions,
     EndpointSource,
-    LocalProtocolError,
     Message,
     Timeout,
     message_id,
 )
-from zmqmesh._spool import Spool, _SpoolBase
+from zmqmesh._spool import Spool
 
 from ._delivery_core import (
     SpoolArg,
     ack_frames,
     fetch_rows,
+    open_spool,
     puller_delivery,
     pusher_delivery,
     read_ack,
@@ -62,22 +62,11 @@ from ._proto.pipeline import (
     PullMachine,
 )
 
-__all__ = ["AckedPuller", "AckedPusher", "open_spool"]
+__all__ = ["AckedPuller", "AckedPusher"]
 
 _INF: Final = float("inf")
 _HANDSHAKE: Final = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
 _DISCONNECTED: Final = int(zmq.EVENT_DISCONNECTED)
-
-
-def open_spool(spool: SpoolArg, what: str) -> tuple[Spool, bool]:
-    """An open blocking `Spool` and whether this end owns (and closes) it."""
-    if isinstance(spool, Spool):
-        return spool, False
-    if isinstance(spool, _SpoolBase):
-        raise LocalProtocolError(f"{what}: an AsyncSpool belongs to an asyncio end; pass a Spool")
-    if spool is None:
-        raise LocalProtocolError(f"{what}: needs a spool path")
-    return Spool(spool, name=what), True
 
 
 class AckedPusher(Pusher):

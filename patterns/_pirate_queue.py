@@ -17,7 +17,7 @@ import os
 import threading
 import time
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 import zmq
 import zmq.asyncio
@@ -38,7 +38,11 @@ from zmqmesh import (
     observe_age,
 )
 from zmqmesh._deadletter import DeadLetter, DeadLetterSink, MemoryDeadLetters
+from zmqmesh._errors import SpoolError
+from zmqmesh._spool import Spool, SpoolDeadLetters
 
+from ._delivery_core import SpoolArg, open_spool
+from ._proto.durable_queue import RESTORED_ADDRESS, DurableQueueMachine
 from ._proto.pirate_queue import QueueMachine
 
 __all__ = ["AsyncQueue", "Queue"]
@@ -73,25 +77,45 @@ class _QueueCore:
         max_message_size: int | None,
         clock: Clock | None,
         name: str,
+        spool: SpoolArg = None,
     ) -> None:
         self.clock: Clock = clock if clock is not None else MonotonicClock()
         self.metrics = Metrics(name)
+        self.spool: Spool | None = None
+        self._owns_spool = False
+        self._dead_at_close: list[DeadLetter] | None = None
+        self._spool_closed = False
+        if spool is not None:
+            self.spool, self._owns_spool = open_spool(spool, f"queue {name}")
+            if dead_letters is None:
+                dead_letters = SpoolDeadLetters(self.spool)
         self.sink: DeadLetterSink = (
             dead_letters if dead_letters is not None else MemoryDeadLetters()
         )
-        self.machine = QueueMachine(
-            now=self.clock.now(),
-            heartbeat=heartbeat,
-            liveness=liveness,
-            max_attempts=max_attempts,
-            request_ttl=request_ttl,
-            aging=aging,
-            max_backlog=max_backlog,
-            dead_letters=self.sink,
-            metrics=self.metrics,
-            wall_ns=time.time_ns,
-            name=name,
-        )
+        options: dict[str, Any] = {
+            "heartbeat": heartbeat,
+            "liveness": liveness,
+            "max_attempts": max_attempts,
+            "request_ttl": request_ttl,
+            "aging": aging,
+            "max_backlog": max_backlog,
+            "dead_letters": self.sink,
+            "metrics": self.metrics,
+            "wall_ns": time.time_ns,
+            "name": name,
+        }
+        now = self.clock.now()
+        self.durable: DurableQueueMachine | None = None
+        try:
+            if self.spool is not None:
+                self.durable = DurableQueueMachine(now=now, **options)
+                self.machine: QueueMachine = self.durable
+                self._restore(now)
+            else:
+                self.machine = QueueMachine(now=now, **options)
+        except BaseException:
+            self.close_spool()
+            raise
         opts = {"sndhwm": hwm, "rcvhwm": hwm, "max_message_size": max_message_size, "curve": curve}
         self.frontend = make_socket(ctx, zmq.ROUTER, **opts)  # type: ignore[arg-type]
         self.backend: zmq.Socket[bytes] | None = None
@@ -106,11 +130,66 @@ class _QueueCore:
             self.backend_endpoints = [bind(self.backend, ep) for ep in _as_list(backend)]
         except BaseException:
             self.close_sockets()
+            self.close_spool()
             raise
         # Plain sockets for the non-blocking steps (the asyncio driver waits on its
         # own sockets and does the work through these shadows of the same sockets).
         self.fe: zmq.Socket[bytes] = zmq.Socket.shadow(self.frontend.underlying)
         self.be: zmq.Socket[bytes] = zmq.Socket.shadow(self.backend.underlying)
+
+    def _restore(self, now: float) -> None:
+        """Every request pending in the spool waits for a worker again (a restart)."""
+        assert self.spool is not None and self.durable is not None
+        n = 0
+        for entry in self.spool.iter_pending():
+            self.durable.restore(entry.seq, entry.frames, entry.message_id, entry.priority, now)
+            n += 1
+        if n:
+            log.info("queue %s: %d request(s) restored from %s", self.durable.name, n, self.spool)
+
+    def store(self, now: float) -> None:
+        """Commit the accepted requests (one commit per priority run), then dispatch them."""
+        d, spool = self.durable, self.spool
+        if d is None or spool is None or not d.to_store:
+            return
+        bodies, cids, prios = d.store_items()
+        seqs: list[int] = []
+        try:
+            i = 0
+            while i < len(bodies):
+                j = i + 1
+                while j < len(bodies) and prios[j] == prios[i]:
+                    j += 1
+                # timeout=0: a full spool refuses at once; the loop must keep heartbeating.
+                seqs += spool.append_many(
+                    bodies[i:j], message_ids=cids[i:j], priority=prios[i], timeout=0
+                )
+                i = j
+        except SpoolError as exc:
+            done = len(seqs)
+            if done:
+                keep, d.to_store = d.to_store, d.to_store[:done]
+                d.stored(seqs, now)
+                d.to_store = keep[done:]
+            log.warning("queue %s: refused %d request(s): %s", d.name, len(d.to_store), exc)
+            d.store_failed(str(exc), now)
+            return
+        d.stored(seqs, now)
+
+    def settle(self) -> None:
+        """Delete answered requests from the spool; move dead-lettered ones to its table."""
+        d, spool = self.durable, self.spool
+        if d is None or spool is None:
+            return
+        if d.spool_acks:
+            acks, d.spool_acks = d.spool_acks, []
+            spool.ack(acks)
+        if d.spool_dead:
+            dead, d.spool_dead = d.spool_dead, []
+            for seq, letter in dead:
+                spool.dead_letter(
+                    seq, letter.reason, letter.attempts, queue=letter.queue, wait=False
+                )
 
     def drain_backend(self, now: float) -> None:
         recv = self.be.recv_multipart
@@ -137,6 +216,7 @@ class _QueueCore:
             handle(frames, now)
             if m.backend_out:
                 self.flush_backend(now)
+        self.store(now)
         if len(frames) > 2:  # one latency sample per wake-up: [client, b"", header, ...]
             observe_age(self.metrics, frames[2])
 
@@ -159,13 +239,20 @@ class _QueueCore:
         if m.frontend_out:
             send = self.fe.send_multipart
             batch, m.frontend_out = m.frontend_out, []
+            durable = self.durable
             for frames in batch:
+                if durable is not None and frames[0] == RESTORED_ADDRESS:
+                    durable.reply_unroutable(frames, now)  # for the client's retry
+                    continue
                 try:
                     send(frames, zmq.NOBLOCK)
                 except zmq.ZMQError:
                     # The client's socket is gone (a Lazy Pirate retry makes a new one,
                     # which the merged request already answers) or is not reading.
                     self.metrics.counters["replies_unroutable"] += 1
+                    if durable is not None:
+                        durable.reply_unroutable(frames, now)
+        self.settle()
 
     def step(self, backend_ready: bool, frontend_ready: bool) -> None:
         """Everything a wake-up does: read ready sockets, run timers, send."""
@@ -189,6 +276,24 @@ class _QueueCore:
     def close_sockets(self) -> None:
         close_socket(self.frontend)
         close_socket(self.backend)
+        self.close_spool()
+
+    def close_spool(self) -> None:
+        """Commit what is queued and close the spool (if this queue opened it)."""
+        if self.spool is not None and self._owns_spool and not self._spool_closed:
+            self._spool_closed = True
+            try:
+                self.settle()
+                if isinstance(self.sink, SpoolDeadLetters):
+                    # The table closes with the spool; `dead_letters()` still answers.
+                    self._dead_at_close = self.sink.list()
+            finally:
+                self.spool.close()
+
+    def dead_letters(self) -> list[DeadLetter]:
+        if self._dead_at_close is not None:
+            return list(self._dead_at_close)
+        return self.sink.list()
         guards, self.guards = self.guards, []
         for guard in guards:
             guard.close()
@@ -205,6 +310,13 @@ class Queue:
     seconds per priority level gained while waiting (1.0; None for strict
     priority), `max_backlog` requests held in the priority lanes while no
     worker is idle (1000), `dead_letters` sink (in memory by default).
+
+    `spool=PATH` (or an open `Spool`) makes the queue durable: a request is
+    committed to the spool before it is dispatched, deleted when its reply
+    goes out, survives a `kill -9` of the queue and is re-dispatched after a
+    restart; a client's retry (same correlation id) is matched to it, so the
+    work is not done twice. Dead letters then go to the spool's dead-letter
+    table (`zmqmesh spool dead|replay`). See `patterns._proto.durable_queue`.
     """
 
     def __init__(
@@ -225,6 +337,7 @@ class Queue:
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         clock: Clock | None = None,
         name: str = "queue",
+        spool: SpoolArg = None,
     ) -> None:
         self._ctx = ctx or zmq.Context.instance()
         self._core = _QueueCore(
@@ -243,6 +356,7 @@ class Queue:
             max_message_size=max_message_size,
             clock=clock,
             name=name,
+            spool=spool,
         )
         self.metrics = self._core.metrics
         self.frontend_endpoints = self._core.frontend_endpoints
@@ -267,7 +381,7 @@ class Queue:
 
     def dead_letters(self) -> list[DeadLetter]:
         """Requests given up on, oldest first, each with its reason and attempt history."""
-        return self._core.sink.list()
+        return self._core.dead_letters()
 
     def run(self) -> None:
         """Serve until `stop()` (from another thread or a signal handler)."""
@@ -388,6 +502,7 @@ class AsyncQueue:
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         clock: Clock | None = None,
         name: str = "queue",
+        spool: SpoolArg = None,
     ) -> None:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._core = _QueueCore(
@@ -406,6 +521,7 @@ class AsyncQueue:
             max_message_size=max_message_size,
             clock=clock,
             name=name,
+            spool=spool,
         )
         self.metrics = self._core.metrics
         self.frontend_endpoints = self._core.frontend_endpoints
@@ -418,7 +534,7 @@ class AsyncQueue:
 
     def dead_letters(self) -> list[DeadLetter]:
         """Requests given up on, oldest first, each with its reason and attempt history."""
-        return self._core.sink.list()
+        return self._core.dead_letters()
 
     async def run(self) -> None:
         """Serve until cancelled or `aclose()`."""

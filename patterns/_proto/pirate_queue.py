@@ -118,6 +118,7 @@ class _Request:
         "history",
         "priority",
         "queued",
+        "seq",
     )
 
     def __init__(
@@ -140,6 +141,7 @@ class _Request:
         self.history: list[Attempt] = []
         self.done = False
         self.queued = False
+        self.seq = 0  # its row in a durable queue's spool (0: not stored)
 
 
 class QueueMachine:
@@ -260,11 +262,21 @@ class QueueMachine:
                 held.address = address
                 c["retries_merged"] += 1
                 return
+            if self._answered(cid, address):
+                return
             priority = header.priority
             if not 0 <= priority < PRIORITIES:
                 priority = 0 if priority < 0 else PRIORITIES - 1
             req = _Request(address, body, cid, priority, now, self._deadline(now, header.ttl_ms))
             self._pending[cid] = req
+        self._admit(req, now)
+
+    def _answered(self, cid: bytes, address: list[bytes]) -> bool:
+        """Hook: True when a request with this id was answered already (durable queue)."""
+        return False
+
+    def _admit(self, req: _Request, now: float) -> None:
+        """A new request: to the LRU worker, or into its lane."""
         idle = self.idle
         if idle and not self.backlog:
             # Fast path: nothing waits, so this request goes to the LRU worker.
@@ -485,6 +497,7 @@ class QueueMachine:
             self.backlog -= 1
         out = frames if echoed else [*request.address, b"", *frames]
         self.frontend_out.append(out)
+        self._settled(request)
         c = self._c
         c["messages_out"] += 1
         c["bytes_out"] += sum(map(len, out))
@@ -573,11 +586,7 @@ class QueueMachine:
             dead_ns=self._wall_ns(),
             queue=self.name,
         )
-        try:
-            self.sink.add(letter)
-        except Exception:
-            # A failing sink must not stop the queue; the client still hears why.
-            log.exception("queue %s: the dead-letter sink refused a letter", self.name)
+        self._bury(request, letter)
         self._c["dead_letters"] += 1
         text = f"request dead-lettered by queue {self.name!r}: {reason}"
         log.info("%s (message id %s)", text, hexid(request.cid))
@@ -596,6 +605,17 @@ class QueueMachine:
             # A plain REQ client must get some reply or it locks up: the reason, raw.
             self.frontend_out.append([*request.address, b"", f"ERROR: {text}".encode()])
         self._c["messages_out"] += 1
+
+    def _settled(self, request: _Request) -> None:
+        """Hook: `request` is answered (a durable queue deletes its spool row)."""
+
+    def _bury(self, request: _Request, letter: DeadLetter) -> None:
+        """Hand a dead letter to the sink (a durable queue moves its spool row instead)."""
+        try:
+            self.sink.add(letter)
+        except Exception:
+            # A failing sink must not stop the queue; the client still hears why.
+            log.exception("queue %s: the dead-letter sink refused a letter", self.name)
 
     def _client_garbage(self, frames: list[bytes], reason: str) -> None:
         self._c["decode_errors"] += 1

@@ -97,6 +97,14 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "(default 1000; 0 reads clients only while a worker is idle)",
     )
     q.add_argument("--name", default="queue", help="name in logs, metrics and dead letters")
+    q.add_argument(
+        "--spool",
+        default=None,
+        metavar="PATH",
+        help="durable queue: commit each request to this spool file before dispatching it; "
+        "pending requests survive a kill and are re-dispatched on restart, dead letters go "
+        "to the spool's dead-letter table",
+    )
     add_announce_argument(q, "queue")
     add_interface_argument(q)
     q.add_argument(
@@ -227,6 +235,7 @@ def run_queue(args: argparse.Namespace) -> int:
         aging=None if args.strict_priority else args.aging,
         max_backlog=args.max_backlog,
         name=args.name,
+        spool=args.spool,
     )
     mesh = MeshFlags(args, "queue")
     try:
