@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,3 +183,60 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--announce needs --bind" in capsys.readouterr().err
     assert main(["req", "hello"]) == 2
     assert "--service NAME" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------- liveness
+
+
+def test_worker_forgets_a_queue_killed_without_goodbye(tools: list[Tool], svc: str) -> None:
+    """The queue is SIGKILLed: its records would stay 120 s; heartbeats drop it in ~1.5 s."""
+    from discovery import ServiceSource
+    from patterns.pirate import Worker
+
+    queue_ = Tool(
+        "queue", "--frontend", ANY, "--backend", ANY, "--announce", svc, *IFACE,
+        "--heartbeat", "0.5", "--liveness", "3",
+    )  # fmt: skip
+    tools.append(queue_)
+    backend = (queue_.line(), queue_.line())[1].split()[1]
+    source = ServiceSource(svc, "queue-backend", interfaces=["127.0.0.1"])
+    worker = Worker(source=source, handler=lambda m: m.body, heartbeat=0.5, liveness=3)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        source.wait_for(lambda p: [x.endpoint for x in p.values()] == [backend], 10, "queue")
+        queue_.proc.kill()
+        killed = time.monotonic()
+        source.wait_for(lambda p: not p, 5, "the dead queue to be forgotten")
+        assert time.monotonic() - killed < 1.5 + 2.0
+    finally:
+        worker.stop()
+        thread.join(10)
+        worker.close()
+        source.close()
+
+
+def test_client_forgets_a_server_that_stopped_answering(tools: list[Tool], svc: str) -> None:
+    from discovery import ServiceSource
+    from patterns.reqrep import Client
+    from zmqmesh import RequestTimeout
+
+    server = Tool("reply", "--bind", ANY, "--announce", svc, *IFACE, "--echo")
+    tools.append(server)
+    endpoint = server.line().split()[1]
+    source = ServiceSource(svc, ("server", "queue"), interfaces=["127.0.0.1"])
+    try:
+        with Client(source=source, timeout=1.0, retries=0) as client:
+            source.wait_for(lambda p: len(p) == 1, 10, "the server")
+            assert client.request(b"ping").body == b"ping"
+            server.proc.send_signal(signal.SIGSTOP)  # alive for TCP, deaf for requests
+            with pytest.raises(RequestTimeout):
+                client.request(b"lost")
+            source.wait_for(lambda p: not p, 2, "the silent server to be forgotten")
+            # The client's loop applies the removal on its next call: no server left.
+            with pytest.raises(RequestTimeout):
+                client.request(b"again", timeout=0.3)
+            assert endpoint not in client.endpoints
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        source.close()
