@@ -26,13 +26,13 @@ import zmq
 
 from .._config import RelayConfig
 from .._errors import MeshError, Timeout
-from .._metrics import Metrics
 
 __all__ = [
     "Children",
     "InProcessRelay",
     "Narrator",
     "Relay",
+    "SubprocessRelay",
     "format_metrics",
     "loopback_multicast_works",
     "wait_for",
@@ -80,7 +80,7 @@ class Narrator:
             self._print(f"      {row}")
 
 
-def wait_for(condition: Callable[[], T], timeout: float, what: str) -> T:
+def wait_for(condition: Callable[[], T | None], timeout: float, what: str) -> T:
     """Poll `condition` until it returns something truthy; `Timeout` naming `what` otherwise."""
     deadline = time.monotonic() + timeout
     while True:
@@ -136,6 +136,7 @@ class Children:
     def __init__(self, logdir: Path) -> None:
         self._logdir = logdir
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
+        self._pending: dict[str, bytearray] = {}  # stdout read but not yet returned
 
     def spawn(self, name: str, argv: Sequence[str], *, stdout_pipe: bool = False) -> int:
         """Start `argv`; stderr (and stdout unless piped) go to LOGDIR/NAME.log. Its pid."""
@@ -174,22 +175,32 @@ class Children:
             )
 
     def read_line(self, name: str, timeout: float, what: str) -> str:
-        """The next line `name` prints on stdout (spawned with `stdout_pipe`)."""
+        """The next line `name` prints on stdout (spawned with `stdout_pipe`).
+
+        Reads the pipe's file descriptor itself: a buffered `readline` may take
+        several lines at once, and select() would then wait for more while the
+        next line sits in the buffer.
+        """
         proc = self._procs[name]
         assert proc.stdout is not None
+        fd = proc.stdout.fileno()
+        buf = self._pending.setdefault(name, bytearray())
         deadline = time.monotonic() + timeout
         with selectors.DefaultSelector() as sel:
-            sel.register(proc.stdout, selectors.EVENT_READ)
-            while True:
+            sel.register(fd, selectors.EVENT_READ)
+            while b"\n" not in buf:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise Timeout(f"demo: {what} did not happen within {timeout:g} s")
                 if sel.select(left):
-                    line = proc.stdout.readline()
-                    if not line:
+                    chunk = os.read(fd, 65536)
+                    if not chunk:
                         self.check_alive(name)
                         raise MeshError(f"demo: {name} closed its output before {what}")
-                    return line.decode(errors="replace").rstrip("\n")
+                    buf += chunk
+        line, _, rest = bytes(buf).partition(b"\n")
+        buf[:] = rest
+        return line.decode(errors="replace")
 
     def kill(self, name: str) -> None:
         """SIGKILL the process group of `name` and reap it."""
@@ -228,6 +239,7 @@ class Relay(Protocol):
     queue_backend: str
     forwarder_frontend: str
     forwarder_backend: str
+    exit_status: int | None  # after close(): 0 when it drained and stopped cleanly
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Every component's counters and gauges, by component name."""
@@ -236,79 +248,89 @@ class Relay(Protocol):
     def close(self) -> None: ...
 
 
-class InProcessRelay:
-    """The relay of a config file as threads of this process: a Forwarder and a Queue.
+class SubprocessRelay:
+    """`zmqmesh relay CONFIG.toml` as a child process, read through its printed endpoints.
 
-    It announces what the config says to announce with its own `Discovery`,
-    as a relay process would (role `queue` for the frontend clients use,
-    `queue-backend` for the one workers use, `forwarder` for both forwarder
-    sides, told apart by socket type).
+    The relay prints one line per component (`queue jobs frontend=EP
+    backend=EP`), `control EP`, then `ready NODE`; its stats come from the
+    control socket, as `zmqmesh stats` gets them; SIGTERM makes it drain and
+    exit 0.
     """
 
     def __init__(
         self,
-        config: RelayConfig,
+        children: Children,
+        config: Path,
         *,
         ctx: zmq.Context[zmq.Socket[bytes]],
-        mdns: bool,
+        timeout: float,
     ) -> None:
-        from discovery import Discovery
-        from patterns.pirate import Queue
-        from patterns.pubsub import Forwarder
-
-        fwd_cfg, queue_cfg = config.forwarder[0], config.queue[0]
-        self.how = "as threads of this process (a Forwarder and a Queue)"
-        self._closers: list[Callable[[], None]] = []
+        self._children = children
+        self._ctx = ctx
+        argv = [sys.executable, "-m", "zmqmesh", "relay", str(config)]
+        self.pid = children.spawn("relay", argv, stdout_pipe=True)
+        self.how = f"as a subprocess: zmqmesh relay {config.name} (pid {self.pid})"
+        self.exit_status: int | None = None
+        bound: dict[str, dict[str, str]] = {}
+        control = ""
         try:
-            fwd = Forwarder(
-                frontend=fwd_cfg.frontend, backend=fwd_cfg.backend, ctx=ctx, name=fwd_cfg.name
-            ).start()
-            self._closers.append(fwd.close)
-            queue = Queue(
-                frontend=queue_cfg.frontend,
-                backend=queue_cfg.backend,
-                heartbeat=queue_cfg.heartbeat,
-                liveness=queue_cfg.liveness,
-                max_attempts=queue_cfg.max_attempts,
-                ctx=ctx,
-                name=queue_cfg.name,
-            ).start()
-            self._closers.append(queue.close)
-            self._metrics: list[Metrics] = [fwd.metrics, queue.metrics]
-            self.forwarder_frontend = fwd.frontend_endpoints[0]
-            self.forwarder_backend = fwd.backend_endpoints[0]
-            self.queue_frontend = queue.frontend_endpoints[0]
-            self.queue_backend = queue.backend_endpoints[0]
-            if mdns:
-                disc = Discovery(interfaces=config.node.interfaces or None)
-                self._closers.append(disc.close)  # goodbyes for every announcement
-                announce = disc.announce
-                if queue_cfg.announce:
-                    svc = queue_cfg.announce
-                    # Default names hold node id and port, unique by construction:
-                    # no need for the ~0.9 s RFC 6762 probe.
-                    announce(self.queue_frontend, service=svc, role="queue", probe=False)
-                    announce(self.queue_backend, service=svc, role="queue-backend", probe=False)
-                if fwd_cfg.announce:
-                    svc = fwd_cfg.announce
-                    announce(self.forwarder_backend, service=svc, role="forwarder", probe=False)
-                    announce(
-                        self.forwarder_frontend,
-                        service=svc,
-                        role="forwarder",
-                        socket_type="XSUB",
-                        probe=False,
-                    )
+            while True:
+                line = children.read_line("relay", timeout, "the relay printing its endpoints")
+                kind, _, rest = line.partition(" ")
+                if kind == "ready":
+                    break
+                if kind == "control":
+                    control = rest.strip()
+                elif kind in ("forwarder", "queue"):
+                    _, *pairs = rest.split()
+                    bound[kind] = dict(pair.partition("=")[::2] for pair in pairs)
+            self.control = control
+            self.forwarder_frontend = bound["forwarder"]["frontend"]
+            self.forwarder_backend = bound["forwarder"]["backend"]
+            self.queue_frontend = bound["queue"]["frontend"]
+            self.queue_backend = bound["queue"]["backend"]
+        except KeyError as exc:
+            self.close()
+            raise MeshError(f"demo: the relay did not print its {exc.args[0]} endpoints") from None
         except BaseException:
             self.close()
             raise
+        if not control:
+            self.close()
+            raise MeshError("demo: the relay did not print its control endpoint")
 
     def stats(self) -> dict[str, dict[str, float]]:
-        return {m.component: m.snapshot() for m in self._metrics}
+        from ._control import fetch_stats
+
+        return fetch_stats(self.control, 2.0, ctx=self._ctx)
 
     def close(self) -> None:
-        while self._closers:
-            self._closers.pop()()
+        if self.exit_status is None:
+            self.exit_status = self._children.stop("relay", grace=5.0)
+
+
+class InProcessRelay:
+    """The same relay (`RelayNode`, what `zmqmesh relay` runs) on threads of this process."""
+
+    def __init__(self, config: RelayConfig, source: Path) -> None:
+        from ._relay_node import RelayNode
+
+        self._node = RelayNode(config, str(source)).start()
+        self.how = "in this process (RelayNode: the forwarder and the queue on threads)"
+        self.exit_status: int | None = None
+        eps = self._node.endpoints
+        fwd, queue = eps[config.forwarder[0].name], eps[config.queue[0].name]
+        self.forwarder_frontend, self.forwarder_backend = fwd["frontend"], fwd["backend"]
+        self.queue_frontend, self.queue_backend = queue["frontend"], queue["backend"]
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        return {m.component: m.snapshot() for m in self._node.metrics()}
+
+    def close(self) -> None:
+        if self.exit_status is None:
+            self._node.drain(1.0)
+            self._node.close()
+            self.exit_status = 0
 
 
 def write_job_script(directory: Path) -> Path:
@@ -329,17 +351,14 @@ def write_job_script(directory: Path) -> Path:
 def format_metrics(
     stats: Mapping[str, Mapping[str, float]], *, skip: Sequence[str] = ("_sum", "_count")
 ) -> list[str]:
-    """A COMPONENT / METRIC / VALUE table of the non-zero values, one row each."""
-    rows = [("COMPONENT", "METRIC", "VALUE")]
-    for component, values in stats.items():
-        for key in sorted(values):
-            value = values[key]
-            if not value or key.endswith(tuple(skip)):
-                continue
-            text = f"{value:g}" if isinstance(value, float) else str(value)
-            rows.append((component, key, text))
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    return [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}" for r in rows]
+    """The rows `zmqmesh stats` prints, of the non-zero values only (sums and counts left out)."""
+    from .stats import format_table
+
+    shown = {
+        component: {k: v for k, v in values.items() if v and not k.endswith(tuple(skip))}
+        for component, values in stats.items()
+    }
+    return format_table(shown).splitlines()
 
 
 @contextlib.contextmanager

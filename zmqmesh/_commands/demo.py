@@ -39,6 +39,7 @@ from ._demo_kit import (
     InProcessRelay,
     Narrator,
     Relay,
+    SubprocessRelay,
     format_metrics,
     interrupt_on_sigterm,
     loopback_multicast_works,
@@ -74,7 +75,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     parser.add_argument(
         "--in-process",
         action="store_true",
-        help="run the relay as threads of this process instead of 'zmqmesh relay'",
+        help="run the relay in this process instead of as a 'zmqmesh relay' subprocess",
     )
     parser.set_defaults(func=run)
 
@@ -91,8 +92,10 @@ def run(args: argparse.Namespace) -> int:
             stack.callback(children.close)
             tour = _Tour(say, tmp, token, ctx, children, stack, args)
             tour.run()
-            say.step("Closing down")
-            say.say("Workers get SIGTERM, the relay sends mDNS goodbyes, sockets close (linger 0).")
+            say.title(f"\nClosing down  [{say.elapsed:.1f} s]")
+            say.say("Workers get SIGTERM; the relay drains, sends mDNS goodbyes and exits;")
+            say.say("every socket closes with linger 0.")
+        say.saw(f"relay exit status {tour.relay.exit_status}")
     finally:
         _term(ctx)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -136,6 +139,7 @@ class _Tour:
         self.args = args
         self.jobs = f"jobs-{token}"
         self.ticks = f"ticks-{token}"
+        self.node = f"demo-relay-{token}"
         self.mdns = False
         self.disc: Any = None  # discovery.Discovery when mDNS works
         self.relay: Relay
@@ -154,17 +158,18 @@ class _Tour:
     def step_relay(self) -> None:
         say = self.say
         say.step("A relay node: a pub/sub forwarder and a Paranoid Pirate queue")
-        say.say("A relay is the fixed point of a mesh: publishers and subscribers meet at")
-        say.say("its forwarder 'ticks', clients and workers at its queue 'jobs'. It announces")
-        say.say("both by mDNS, so nobody needs to be told a port.")
         self.mdns = not self.args.no_mdns and loopback_multicast_works()
+        say.say("A relay is the fixed point of a mesh: publishers and subscribers meet at")
+        say.say("its forwarder 'ticks', clients and workers at its queue 'jobs'.")
+        if self.mdns:
+            say.say("It announces both by mDNS, so nobody needs to be told a port.")
         path = self.tmp / "relay.toml"
         path.write_text(self._config_text(self.mdns))
         config = load_config(path)  # the same validation `zmqmesh relay --check` does
         self.relay = self._start_relay(path)
         self.stack.callback(self.relay.close)
         r = self.relay
-        say.saw(f"relay running {r.how}; config {path.name}:")
+        say.saw(f"relay running {r.how}; it bound:")
         say.lines(
             [
                 f"forwarder ticks: publishers -> {r.forwarder_frontend}, "
@@ -180,7 +185,7 @@ class _Tour:
         ticks = f'announce = "{self.ticks}"\n' if announce else ""
         return (
             "# Written by `zmqmesh demo`: the relay of the tour.\n"
-            '[node]\nname = "demo-relay"\ncontrol = "tcp://127.0.0.1:*"\n'
+            f'[node]\nname = "{self.node}"\ncontrol = "tcp://127.0.0.1:*"\n'
             'interfaces = ["127.0.0.1"]\ngrace = 1.0\n\n'
             '[[forwarder]]\nname = "ticks"\nfrontend = "tcp://127.0.0.1:*"\n'
             f'backend = "tcp://127.0.0.1:*"\n{ticks}\n'
@@ -191,8 +196,9 @@ class _Tour:
 
     def _start_relay(self, path: Path) -> Relay:
         """The relay of the config at `path`; the one place that decides how it runs."""
-        config = load_config(path)
-        return InProcessRelay(config, ctx=self.ctx, mdns=self.mdns)
+        if self.args.in_process:
+            return InProcessRelay(load_config(path), path)
+        return SubprocessRelay(self.children, path, ctx=self.ctx, timeout=STEP_TIMEOUT)
 
     # ------------------------------------------------------------- 2. discovery
 
@@ -211,7 +217,7 @@ class _Tour:
                 t0 = time.monotonic()
                 peers = [
                     *disc.resolve(self.jobs, role=("queue", "queue-backend"), timeout=5),
-                    *disc.resolve(self.ticks, role="forwarder", timeout=5),
+                    *disc.resolve(self.ticks, role=("forwarder", "subscriber"), timeout=5),
                 ]
                 ms = (time.monotonic() - t0) * 1000
             except DiscoveryError as exc:
@@ -220,10 +226,11 @@ class _Tour:
             else:
                 say.lines([f"{p.service:<13} {p.role:<14} {p.endpoint}" for p in peers])
                 say.saw(f"resolved {len(peers)} endpoints in {ms:.0f} ms")
-                backend = _pick(peers, "queue-backend")
-                front = _pick(peers, "forwarder", "XSUB")
+                # Publishers connect to the forwarder's XSUB, announced as a subscriber
+                # (it subscribes on their behalf); subscribers to its XPUB.
+                front = _pick(peers, "subscriber", "XSUB")
                 back = _pick(peers, "forwarder", "XPUB")
-                self.worker_connect = backend
+                self.worker_flags = ["--service", self.jobs, "--interface", "127.0.0.1"]
                 from discovery import ServiceSource
 
                 source = ServiceSource(self.jobs, role="queue", discovery=disc)
@@ -231,13 +238,15 @@ class _Tour:
                 # The client follows the service from now on; wait for its first peer.
                 wait_for(lambda: source.peers, STEP_TIMEOUT, f"a peer of {self.jobs}")
                 return source, (front, back)
-        if not self.args.no_mdns and not self.mdns:
+        if self.args.no_mdns:
+            say.say("mDNS is off (--no-mdns), as on a network without multicast.")
+        elif not self.mdns:
             say.say("Multicast does not work on 127.0.0.1 here (it needs `ip link set lo")
             say.say("multicast on`, which takes root), so mDNS cannot run.")
         say.say("Without multicast the same code takes a static peer list instead:")
         say.say("zmqmesh.StaticPeers([...]) has the API of a discovery browser.")
         say.saw(f"static peers: queue {r.queue_frontend}, workers {r.queue_backend}")
-        self.worker_connect = r.queue_backend
+        self.worker_flags = ["--connect", r.queue_backend]
         return StaticPeers([r.queue_frontend]), (r.forwarder_frontend, r.forwarder_backend)
 
     # -------------------------------------------------------------- 3. requests
@@ -253,12 +262,15 @@ class _Tour:
         names = ("w1", "w2")
         pids = {}
         for name in names:
-            argv = [sys.executable, "-m", "zmqmesh", "worker", "--connect", self.worker_connect]
+            argv = [sys.executable, "-m", "zmqmesh", "worker", *self.worker_flags]
             argv += ["--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS), "--name", name]
             argv += ["--", "sh", str(job), name, str(marks)]
             pids[name] = self.children.spawn(name, argv)
         say.say("Two workers start as processes of their own (zmqmesh worker -- sh job.sh),")
-        say.say("connect to the backend found by name, and say READY (RFC 6).")
+        if self.mdns:
+            say.say(f"find the queue's backend by name (--service {self.jobs}) and say READY.")
+        else:
+            say.say("connect to the backend from the static list and say READY (RFC 6).")
         wait_for(self._workers_idle(2), STEP_TIMEOUT, "two workers joining the queue")
         say.saw(f"w1 (pid {pids['w1']}) and w2 (pid {pids['w2']}) are idle at the queue")
 
@@ -289,6 +301,7 @@ class _Tour:
             except BaseException as exc:
                 failed.append(exc)
 
+        before = self.relay.stats()["jobs"]
         t = threading.Thread(target=saboteur, name="zmqmesh-demo-saboteur", daemon=True)
         t.start()
         t0 = time.monotonic()
@@ -300,16 +313,18 @@ class _Tour:
         if failed:
             raise failed[0]
         victim = killed[0]
-        redispatches = wait_for(
-            lambda: self.relay.stats()["jobs"].get("redispatches", 0),
-            STEP_TIMEOUT,
-            "the queue counting the re-dispatch",
-        )
-        say.saw(f"worker {victim} (pid {pids[victim]}) was killed holding 'long job'")
-        say.saw(
-            f"the queue heard nothing from {victim} for {HEARTBEAT * LIVENESS:g} s, declared it "
-            f"dead and re-dispatched its request: redispatches = {redispatches:g}"
-        )
+
+        def redispatched() -> dict[str, float] | None:
+            jobs = self.relay.stats()["jobs"]
+            return jobs if jobs.get("redispatches", 0) else None
+
+        after = wait_for(redispatched, STEP_TIMEOUT, "the queue counting the re-dispatch")
+        say.saw(f"worker {victim} (pid {pids[victim]}) was SIGKILLed holding 'long job'")
+        if after.get("workers_unreachable", 0) > before.get("workers_unreachable", 0):
+            say.saw(f"the queue's next heartbeat to {victim} found its connection gone")
+        else:
+            say.saw(f"the queue heard nothing from {victim} for {HEARTBEAT * LIVENESS:g} s")
+        say.saw(f"so it re-dispatched the request: redispatches = {after['redispatches']:g}")
         finisher = reply.rpartition(" ")[2]
         say.saw(f"request finished on another worker: '{reply}' ({took:.1f} s, no retry needed)")
         if finisher == victim:
@@ -458,7 +473,8 @@ class _Tour:
         else:
             raise MeshError("demo: the plain-text client's message was taken")
         say.saw(f"plain-text client refused in the handshake; {outcome}")
-        say.saw(f"server counted curve_refused_plaintext = {vault.metrics.get('curve_refused')}")
+        refused = vault.metrics.get("curve_refused_plaintext")
+        say.saw(f"the server counted curve_refused_plaintext = {refused} and logged why (stderr)")
 
     # --------------------------------------------------------------- 6. metrics
 
