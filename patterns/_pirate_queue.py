@@ -276,6 +276,9 @@ class _QueueCore:
     def close_sockets(self) -> None:
         close_socket(self.frontend)
         close_socket(self.backend)
+        guards, self.guards = self.guards, []
+        for guard in guards:
+            guard.close()
         self.close_spool()
 
     def close_spool(self) -> None:
@@ -294,9 +297,6 @@ class _QueueCore:
         if self._dead_at_close is not None:
             return list(self._dead_at_close)
         return self.sink.list()
-        guards, self.guards = self.guards, []
-        for guard in guards:
-            guard.close()
 
 
 class Queue:
