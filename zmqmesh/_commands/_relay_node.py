@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import pathlib
 import threading
 import time
 from typing import Any
@@ -40,7 +41,7 @@ from .._security import server_curve
 from .._sockets import CurveOptions
 from ._control import ControlServer
 
-__all__ = ["RelayNode"]
+__all__ = ["RelayNode", "check_supported"]
 
 log = logging.getLogger("zmqmesh.relay")
 
@@ -79,6 +80,16 @@ class _Component:
 
 def _queue_accepts_spool() -> bool:
     return "spool" in inspect.signature(Queue.__init__).parameters
+
+
+def check_supported(config: RelayConfig, source_name: str = "<config>") -> None:
+    """Raise `ConfigError` for keys this build cannot serve (checked by `--check` too)."""
+    for i, q in enumerate(config.queue):
+        if q.spool is not None and not _queue_accepts_spool():
+            raise ConfigError(
+                f"{source_name}: key 'queue[{i}].spool': durable queues are not available in "
+                "this version (patterns.pirate.Queue takes no spool=); remove the key"
+            )
 
 
 class RelayNode:
@@ -126,6 +137,7 @@ class RelayNode:
         self._state = "running"
         self._started_at = time.monotonic()
         try:
+            check_supported(self.config, self.source_name)
             self._curve = self._security()
             for fwd in self.config.forwarder:
                 self._components.append(self._forwarder(fwd))
@@ -176,13 +188,12 @@ class RelayNode:
     def _queue(self, c: QueueConfig) -> _Component:
         extra: dict[str, Any] = {}
         if c.spool is not None:
-            if not _queue_accepts_spool():
-                raise ConfigError(
-                    f"{self.source_name}: key 'queue.spool' of queue {c.name!r}: durable queues "
-                    "are not available in this version (patterns.pirate.Queue has no spool=); "
-                    "remove the key"
-                )
-            extra["spool"] = c.spool
+            # A relative spool path is relative to the config file, not to the cwd.
+            spool = pathlib.Path(c.spool)
+            config_file = pathlib.Path(self.source_name)
+            if not spool.is_absolute() and config_file.is_file():
+                spool = config_file.parent / spool
+            extra["spool"] = spool
         queue = Queue(
             frontend=c.frontend,
             backend=c.backend,

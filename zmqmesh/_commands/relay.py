@@ -28,7 +28,7 @@ from .._config import RelayConfig, load_config
 from .._errors import ConfigError
 from .._sockets import parse_endpoint
 from ._control import snapshot_all
-from ._relay_node import RelayNode
+from ._relay_node import RelayNode, check_supported
 
 __all__ = ["register", "run_relay"]
 
@@ -127,6 +127,7 @@ def run_relay(args: argparse.Namespace) -> int:
             parse_endpoint(args.control)
         except ConfigError as exc:
             raise ConfigError(f"--control: {exc}") from exc
+    check_supported(config, args.config)
     if args.check:
         print(f"{args.config}: OK ({_describe(config)})", flush=True)
         return 0

@@ -35,6 +35,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="NAME",
         help="find the control endpoint by mDNS: the relay's node name",
     )
+    p.add_argument(
+        "--interface",
+        action="append",
+        metavar="IF",
+        help="with --service: interface name or address for mDNS (repeatable; default all)",
+    )
     p.add_argument("--json", action="store_true", help="print JSON: {component: {metric: value}}")
     p.add_argument(
         "--timeout",
@@ -71,7 +77,7 @@ def _resolve(args: argparse.Namespace) -> tuple[str, str]:
     from discovery import Discovery
 
     trust = trust_store_from_args(args)
-    with Discovery() as disc:
+    with Discovery(interfaces=args.interface) as disc:
         peers = disc.resolve(args.service, role="server", timeout=args.timeout)
     peers = [p for p in peers if p.properties.get("component") == "control"] or peers
     if trust is not None:
