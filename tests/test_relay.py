@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -386,3 +387,52 @@ def test_format_table() -> None:
         ["jobs", "messages_in", "3"],
         ["ev", "x", "1"],
     ]
+
+
+def test_announced_by_mdns_and_found_by_stats_service(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from discovery import Discovery
+    from tests._netns import ensure_loopback_multicast
+
+    ensure_loopback_multicast()
+    node_name = f"relay-{uuid.uuid4().hex[:8]}"
+    config = parse_config(
+        f"""
+[node]
+name = "{node_name}"
+control = "{TCP}"
+interfaces = ["127.0.0.1"]
+[[queue]]
+name = "jobs"
+frontend = "{TCP}"
+backend = "{TCP}"
+announce = "{node_name}-jobs"
+[[forwarder]]
+name = "events"
+frontend = "{TCP}"
+backend = "{TCP}"
+announce = "{node_name}-events"
+"""
+    )
+    node = RelayNode(config).start()
+    try:
+        eps = node.endpoints
+        with Discovery(interfaces=["127.0.0.1"]) as disc:
+            front = disc.resolve(f"{node_name}-jobs", role="queue", timeout=5)
+            back = disc.resolve(f"{node_name}-jobs", role="queue-backend", timeout=5)
+            subs = disc.resolve(f"{node_name}-events", role="forwarder", timeout=5)
+        assert [p.port for p in front] == [int(eps["jobs"]["frontend"].rsplit(":", 1)[1])]
+        assert [p.port for p in back] == [int(eps["jobs"]["backend"].rsplit(":", 1)[1])]
+        assert [(p.port, p.socket_type) for p in subs] == [
+            (int(eps["events"]["backend"].rsplit(":", 1)[1]), "XPUB")
+        ]
+        argv = ["stats", "--service", node_name, "--interface", "127.0.0.1", "--json"]
+        assert main([*argv, "--timeout", "5"]) == 0
+        assert set(json.loads(capsys.readouterr().out)) == {"jobs", "events", "control", "node"}
+        assert node.drain(1.0) is True  # goodbyes first
+        assert main(["stats", "--service", "nobody-" + node_name, "--timeout", "0.5",
+                     "--interface", "127.0.0.1"]) == 1  # fmt: skip
+        assert "no peers found for service" in capsys.readouterr().err
+    finally:
+        node.close()
