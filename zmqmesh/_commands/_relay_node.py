@@ -307,12 +307,12 @@ class RelayNode:
         within `grace` seconds (default `node.grace`), in parallel. True when
         nothing held was left unanswered."""
         grace = self.config.node.grace if grace is None else grace
-        deadline = time.monotonic() + grace
         with self._lock:
             if self._state != "running":
                 return True
             self._state = "draining"
-        self._withdraw()
+        self._withdraw()  # goodbyes take a moment; the grace period starts after them
+        deadline = time.monotonic() + grace
         threads = [
             threading.Thread(
                 target=comp.drain,
