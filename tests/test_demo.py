@@ -30,8 +30,8 @@ KEY_LINES = (
     "was SIGKILLed holding 'long job'",
     "redispatches = 1",
     "request finished on another worker: 'long job -> done by",
-    "late joiner got the last value of each topic at once: "
-    "prices.eurusd = 1.0845, prices.gbpusd = 1.2650",
+    "late joiner got the last value of each topic at once:\n"
+    "   -> prices.eurusd = 1.0845, prices.gbpusd = 1.2650",
     "sequence gap(s)",
     "plain-text client refused in the handshake",
     "curve_refused_plaintext = 1",

@@ -88,7 +88,7 @@ def wait_for(condition: Callable[[], T | None], timeout: float, what: str) -> T:
         if result:
             return result
         if time.monotonic() > deadline:
-            raise Timeout(f"demo: {what} did not happen within {timeout:g} s")
+            raise Timeout(f"{what} did not happen within {timeout:g} s")
         # A pause between looks at a condition that has a deadline, not a
         # synchronising sleep: the condition decides when the demo goes on.
         time.sleep(_POLL)
@@ -170,7 +170,7 @@ class Children:
         if proc.poll() is not None:
             tail = self.log_tail(name)
             raise MeshError(
-                f"demo: {name} (pid {proc.pid}) exited with status {proc.returncode}"
+                f"{name} (pid {proc.pid}) exited with status {proc.returncode}"
                 + (f": {tail}" if tail else "")
             )
 
@@ -191,12 +191,12 @@ class Children:
             while b"\n" not in buf:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise Timeout(f"demo: {what} did not happen within {timeout:g} s")
+                    raise Timeout(f"{what} did not happen within {timeout:g} s")
                 if sel.select(left):
                     chunk = os.read(fd, 65536)
                     if not chunk:
                         self.check_alive(name)
-                        raise MeshError(f"demo: {name} closed its output before {what}")
+                        raise MeshError(f"{name} closed its output before {what}")
                     buf += chunk
         line, _, rest = bytes(buf).partition(b"\n")
         buf[:] = rest
@@ -240,6 +240,7 @@ class Relay(Protocol):
     forwarder_frontend: str
     forwarder_backend: str
     exit_status: int | None  # after close(): 0 when it drained and stopped cleanly
+    stats_from: str  # where stats() reads, for the narration
 
     def stats(self) -> dict[str, dict[str, float]]:
         """Every component's counters and gauges, by component name."""
@@ -285,19 +286,20 @@ class SubprocessRelay:
                     _, *pairs = rest.split()
                     bound[kind] = dict(pair.partition("=")[::2] for pair in pairs)
             self.control = control
+            self.stats_from = f"its control socket {control} (what `zmqmesh stats` prints)"
             self.forwarder_frontend = bound["forwarder"]["frontend"]
             self.forwarder_backend = bound["forwarder"]["backend"]
             self.queue_frontend = bound["queue"]["frontend"]
             self.queue_backend = bound["queue"]["backend"]
         except KeyError as exc:
             self.close()
-            raise MeshError(f"demo: the relay did not print its {exc.args[0]} endpoints") from None
+            raise MeshError(f"the relay did not print its {exc.args[0]} endpoints") from None
         except BaseException:
             self.close()
             raise
         if not control:
             self.close()
-            raise MeshError("demo: the relay did not print its control endpoint")
+            raise MeshError("the relay did not print its control endpoint")
 
     def stats(self) -> dict[str, dict[str, float]]:
         from ._control import fetch_stats
@@ -318,6 +320,7 @@ class InProcessRelay:
         self._node = RelayNode(config, str(source)).start()
         self.how = "in this process (RelayNode: the forwarder and the queue on threads)"
         self.exit_status: int | None = None
+        self.stats_from = "RelayNode.metrics() (what its control socket would send)"
         eps = self._node.endpoints
         fwd, queue = eps[config.forwarder[0].name], eps[config.queue[0].name]
         self.forwarder_frontend, self.forwarder_backend = fwd["frontend"], fwd["backend"]

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Final
 
@@ -91,7 +92,13 @@ def run(args: argparse.Namespace) -> int:
             children = Children(tmp)
             stack.callback(children.close)
             tour = _Tour(say, tmp, token, ctx, children, stack, args)
-            tour.run()
+            try:
+                tour.run()
+            except BaseException as exc:
+                why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "a step failed"
+                say.title(f"\nStopping early ({why})  [{say.elapsed:.1f} s]")
+                say.say("Stopping everything the demo started (processes, sockets, files).")
+                raise
             say.title(f"\nClosing down  [{say.elapsed:.1f} s]")
             say.say("Workers get SIGTERM; the relay drains, sends mDNS goodbyes and exits;")
             say.say("every socket closes with linger 0.")
@@ -271,7 +278,7 @@ class _Tour:
             say.say(f"find the queue's backend by name (--service {self.jobs}) and say READY.")
         else:
             say.say("connect to the backend from the static list and say READY (RFC 6).")
-        wait_for(self._workers_idle(2), STEP_TIMEOUT, "two workers joining the queue")
+        wait_for(self._workers_idle(names), STEP_TIMEOUT, "two workers joining the queue")
         say.saw(f"w1 (pid {pids['w1']}) and w2 (pid {pids['w2']}) are idle at the queue")
 
         client = Client(source=source, ctx=self.ctx, timeout=STEP_TIMEOUT, retries=1, name="client")
@@ -288,14 +295,16 @@ class _Tour:
         say.say("while it works, and its command with it (the whole process group).")
         killed: list[str] = []
         failed: list[BaseException] = []
+        cancel = threading.Event()  # the request failed or was interrupted: stand down
+
+        def holder() -> list[str]:
+            if cancel.is_set():
+                raise MeshError("the long job was abandoned")
+            return [n for n in names if (marks / f"{n}.busy").exists()]
 
         def saboteur() -> None:
             try:
-                busy = wait_for(
-                    lambda: [n for n in names if (marks / f"{n}.busy").exists()],
-                    STEP_TIMEOUT,
-                    "a worker starting the long job",
-                )
+                busy = wait_for(holder, STEP_TIMEOUT, "a worker starting the long job")
                 self.children.kill(busy[0])
                 killed.append(busy[0])
             except BaseException as exc:
@@ -308,6 +317,7 @@ class _Tour:
         try:
             reply = client.request(b"long job", timeout=STEP_TIMEOUT, retries=0).body.decode()
         finally:
+            cancel.set()
             t.join()
         took = time.monotonic() - t0
         if failed:
@@ -328,11 +338,16 @@ class _Tour:
         finisher = reply.rpartition(" ")[2]
         say.saw(f"request finished on another worker: '{reply}' ({took:.1f} s, no retry needed)")
         if finisher == victim:
-            raise MeshError(f"demo: the long job came back from {victim}, which was killed")
+            raise MeshError(f"the long job came back from {victim}, which was killed")
         return client
 
-    def _workers_idle(self, n: int) -> Any:
-        return lambda: self.relay.stats()["jobs"].get("workers_idle", 0) >= n
+    def _workers_idle(self, names: tuple[str, ...]) -> Callable[[], bool]:
+        def idle() -> bool:
+            for name in names:
+                self.children.check_alive(name)  # a worker that died says why, at once
+            return self.relay.stats()["jobs"].get("workers_idle", 0) >= len(names)
+
+        return idle
 
     # ---------------------------------------------------------------- 4. pubsub
 
@@ -364,7 +379,8 @@ class _Tour:
             for m in (late.recv(timeout=STEP_TIMEOUT) for _ in range(2))
         )
         values = ", ".join(f"{t} = {v}" for t, v in got)
-        say.saw(f"late joiner got the last value of each topic at once: {values}")
+        say.saw("late joiner got the last value of each topic at once:")
+        say.saw(values)
         pub.publish("prices.eurusd", b"1.0846")
         early.recv(timeout=STEP_TIMEOUT)
         late.recv(timeout=STEP_TIMEOUT)
@@ -391,12 +407,15 @@ class _Tour:
             if gaps:
                 break
         if not gaps:
-            raise MeshError(f"demo: {sent:,} ticks fitted into the pipes; no gap to show")
+            raise MeshError(f"{sent:,} ticks fitted into the pipes; no gap to show")
         missed = sum(g.missed for g in gaps)
         first = gaps[0]
         say.saw(
-            f"slow received {received:,} of {sent:,} ticks and reported {len(gaps)} sequence "
-            f"gap(s), {missed:,} messages missed (first: expected #{first.expected:,}, "
+            f"slow received {received:,} of {sent:,} ticks, "
+            f"and reported {len(gaps)} sequence gap(s):"
+        )
+        say.saw(
+            f"{missed:,} messages missed (the first gap: expected #{first.expected:,}, "
             f"got #{first.received:,})"
         )
 
@@ -416,7 +435,7 @@ class _Tour:
             if msg.topic == b"ticks.end":
                 return received
             received += 1
-        raise MeshError(f"demo: the slow subscriber did not catch up in {STEP_TIMEOUT:g} s")
+        raise MeshError(f"the slow subscriber did not catch up in {STEP_TIMEOUT:g} s")
 
     # ----------------------------------------------------------------- 5. CURVE
 
@@ -471,7 +490,7 @@ class _Tour:
         except SendError:
             outcome = "its send gave up (SendError): no connection ever completed"
         else:
-            raise MeshError("demo: the plain-text client's message was taken")
+            raise MeshError("the plain-text client's message was taken")
         say.saw(f"plain-text client refused in the handshake; {outcome}")
         refused = vault.metrics.get("curve_refused_plaintext")
         say.saw(f"the server counted curve_refused_plaintext = {refused} and logged why (stderr)")
@@ -481,8 +500,9 @@ class _Tour:
     def step_metrics(self, client: Any) -> None:
         say = self.say
         say.step("The metrics table")
-        say.say("Every component counts what it did and what it dropped; the relay's")
-        say.say("components are read from it, this process's from their .metrics.")
+        say.say("Every component counts what it did and what it dropped. The relay's")
+        say.say(f"come from {self.relay.stats_from}, this process's from their .metrics")
+        say.say("(non-zero values only):")
         stats = self.relay.stats()
         for comp in self.local:
             stats[comp.metrics.component] = comp.metrics.snapshot()
@@ -493,4 +513,4 @@ def _pick(peers: list[Any], role: str, socket_type: str | None = None) -> str:
     for p in peers:
         if p.role == role and (socket_type is None or p.socket_type == socket_type):
             return str(p.endpoint)
-    raise MeshError(f"demo: mDNS found no {role} {socket_type or ''} endpoint".replace("  ", " "))
+    raise MeshError(f"mDNS found no {role} {socket_type or ''} endpoint".replace("  ", " "))
