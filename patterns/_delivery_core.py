@@ -7,17 +7,20 @@ non-blocking steps on a socket, for the blocking and the asyncio twins alike.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 from typing import Any, Final
 
 import zmq
+import zmq.utils.monitor
 
 from zmqmesh import (
     PROTOCOL_VERSION,
     Ack,
     LocalProtocolError,
+    Message,
     Metrics,
     RemoteProtocolError,
     decode_header,
@@ -25,19 +28,25 @@ from zmqmesh import (
 )
 from zmqmesh._spool import Spool, _SpoolBase
 
+from ._pipeline_core import SendCore
+from ._pipeline_io import recv_error
 from ._proto.delivery import (
     AT_LEAST_ONCE,
     AT_MOST_ONCE,
     EFFECTIVELY_ONCE,
     Delivery,
+    ReceiveLedger,
     SendWindow,
+    begun_key,
     check_delivery,
 )
 from ._proto.ppp import LogOnce
 
 __all__ = [
+    "AckedSendCore",
     "SpoolArg",
     "ack_frames",
+    "classify",
     "fetch_rows",
     "open_spool",
     "pusher_delivery",
@@ -45,6 +54,7 @@ __all__ = [
     "read_ack",
     "reject_for_acked",
     "restore",
+    "send_acks",
     "send_nowait",
 ]
 
@@ -163,3 +173,113 @@ def send_nowait(sock: Any, frames: list[bytes]) -> bool:
     except zmq.Again:
         return False
     return True
+
+
+_HANDSHAKE: Final = int(zmq.EVENT_HANDSHAKE_SUCCEEDED)
+_DISCONNECTED: Final = int(zmq.EVENT_DISCONNECTED)
+
+
+class AckedSendCore:
+    """The non-blocking half of an acknowledged pusher, for both twins.
+
+    Works on a plain (shadow) socket so the asyncio twin can call it without
+    futures; spool writes here are queued to the spool's writer (never
+    awaited: an ack's delete may land a little later, which only means a
+    re-send after a crash) and spool reads are WAL reads (never blocked).
+    """
+
+    def __init__(
+        self, sock: zmq.Socket[Any], spool: _SpoolBase, window: SendWindow, core: SendCore
+    ) -> None:
+        self.sock: zmq.Socket[Any] = zmq.Socket.shadow(sock.underlying)
+        self.spool = spool
+        self.window = window
+        self.core = core
+        self.what = core.what
+        self.metrics = core.metrics
+        for key in ("stored", "send_deferred"):
+            self.metrics.counters.setdefault(key, 0)
+        mon = sock.get_monitor_socket(_HANDSHAKE | _DISCONNECTED)
+        self._monitor_owner: zmq.Socket[Any] | None = mon
+        self.monitor: zmq.Socket[Any] | None = zmq.Socket.shadow(mon.underlying)
+        self._owner = sock
+
+    def transmit(self, frames: list[bytes], first: bool) -> None:
+        """Send without waiting; a message ZeroMQ cannot take now waits for its re-send."""
+        try:
+            sent = send_nowait(self.sock, frames)
+        except zmq.ZMQError as exc:
+            raise self.core.failed(exc) from exc
+        c = self.metrics.counters
+        if not sent:
+            c["send_deferred"] += 1
+        elif first:
+            c["messages_out"] += 1
+            c["bytes_out"] += sum(map(len, frames[1:]))
+
+    def service(self, now: float) -> None:
+        """Read acks and connection events, re-send what is overdue, send the backlog."""
+        w = self.window
+        sock = self.sock
+        seqs: list[int] = []
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            except zmq.ZMQError as exc:
+                raise recv_error(exc, f"{self.what}: reading acks") from exc
+            seqs.extend(w.acked(read_ack(frames, self.metrics, self.what)))
+        if seqs:
+            spool = self.spool
+            spool._e.submit(spool._ack_op(seqs))
+        mon = self.monitor
+        if mon is not None:
+            while True:
+                try:
+                    event = zmq.utils.monitor.recv_monitor_message(mon, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                if event["event"] == _HANDSHAKE:
+                    w.reconnected(now)
+                else:
+                    w.disconnected()
+        if w.inflight and w.next_deadline() <= now:
+            for frames in w.due(now):
+                self.transmit(frames, False)
+        while (want := w.want_fetch()) is not None:
+            rows = fetch_rows(self.spool, *want)
+            for frames in w.fetched(rows, now):
+                self.transmit(frames, True)
+            if not rows:
+                break
+
+    def close_monitor(self) -> None:
+        """Stop the socket monitor and close its socket (before the socket closes)."""
+        if self._monitor_owner is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self._owner.disable_monitor()
+            self._monitor_owner.close(linger=0)
+            self._monitor_owner = None
+            self.monitor = None
+
+
+def classify(ledger: ReceiveLedger, dedup: _SpoolBase | None, msg: Message) -> tuple[int, bool]:
+    """The ledger's verdict on a received message, with what the de-dup window knows."""
+    mid = msg.id
+    if dedup is None:
+        return ledger.receive(msg.peer, mid, False, False), False
+    begun = dedup.seen(begun_key(mid))
+    return ledger.receive(msg.peer, mid, dedup.seen(mid), begun), begun
+
+
+def send_acks(sock: zmq.Socket[Any], ledger: ReceiveLedger, metrics: Metrics) -> None:
+    """Send the ledger's acks without waiting (a plain or shadow ROUTER socket)."""
+    for peer, ids in ledger.take_acks():
+        try:
+            sock.send_multipart(ack_frames(peer, ids), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            # The pusher is gone (ROUTER_MANDATORY) or full: it re-sends, and the
+            # re-send is acknowledged again (de-duplicated under effectively-once).
+            c = metrics.counters
+            c["acks_unroutable"] = c.get("acks_unroutable", 0) + 1

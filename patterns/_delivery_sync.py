@@ -10,7 +10,6 @@ acks and re-sends are handled inside `send`, `poll`, `drain` and `close`.
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -31,16 +30,15 @@ from zmqmesh import (
 from zmqmesh._spool import Spool
 
 from ._delivery_core import (
+    AckedSendCore,
     SpoolArg,
-    ack_frames,
-    fetch_rows,
+    classify,
     open_spool,
     puller_delivery,
     pusher_delivery,
-    read_ack,
     reject_for_acked,
     restore,
-    send_nowait,
+    send_acks,
 )
 from ._pipeline_core import SendCore
 from ._pipeline_io import SOURCE_POLL, Endpoints, Link, read_router, recv_error, wait_ms
@@ -53,7 +51,6 @@ from ._proto.delivery import (
     Delivery,
     ReceiveLedger,
     SendWindow,
-    begun_key,
 )
 from ._proto.pipeline import (
     DEFAULT_BATCH_BYTES,
@@ -139,13 +136,9 @@ class AckedPusher(Pusher):
             if self._owns_spool:
                 self.spool.close()
             raise
-        self._monitor: zmq.Socket[bytes] | None = self._link.sock.get_monitor_socket(
-            _HANDSHAKE | _DISCONNECTED
-        )
+        self._acked = AckedSendCore(self._link.sock, self.spool, self._window, core)
         self._source = source
         self._batching = False
-        for key in ("stored", "send_deferred"):
-            self.metrics.counters.setdefault(key, 0)
 
     @property
     def unacked(self) -> int:
@@ -173,58 +166,13 @@ class AckedPusher(Pusher):
             self._transmit(frames, True)
 
     def _transmit(self, frames: list[bytes], first: bool) -> None:
-        sock = self._link.sock
-        try:
-            sent = send_nowait(sock, frames)
-        except zmq.ZMQError as exc:
-            raise self._core.failed(exc) from exc
-        c = self.metrics.counters
-        if not sent:
-            # No puller connected (or all full): the ack timeout brings it back.
-            c["send_deferred"] += 1
-        elif first:
-            c["messages_out"] += 1
-            c["bytes_out"] += sum(map(len, frames[1:]))
+        self._acked.transmit(frames, first)
 
     def _service(self) -> None:
         """Read acks and connection events, re-send what is overdue, send the backlog."""
-        link = self._link
         if self._source is not None:
-            link.tick()
-        sock = link.sock
-        w = self._window
-        seqs: list[int] = []
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except zmq.ZMQError as exc:
-                raise recv_error(exc, f"{self._what}: reading acks") from exc
-            seqs.extend(w.acked(read_ack(frames, self.metrics, self._what)))
-        if seqs:
-            self.spool.ack(seqs)
-        now = self._now()
-        mon = self._monitor
-        if mon is not None:
-            while True:
-                try:
-                    event = zmq.utils.monitor.recv_monitor_message(mon, zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                if event["event"] == _HANDSHAKE:
-                    w.reconnected(now)
-                else:
-                    w.disconnected()
-        if w.inflight and w.next_deadline() <= now:
-            for frames in w.due(now):
-                self._transmit(frames, False)
-        while (want := w.want_fetch()) is not None:
-            rows = fetch_rows(self.spool, *want)
-            for frames in w.fetched(rows, now):
-                self._transmit(frames, True)
-            if not rows:
-                break
+            self._link.tick()
+        self._acked.service(self._now())
 
     def poll(self) -> float | None:
         """Handle acks and re-sends now; seconds until the next re-send is due (None: idle)."""
@@ -267,11 +215,7 @@ class AckedPusher(Pusher):
         except Exception:
             pass
         finally:
-            if self._monitor is not None:
-                with contextlib.suppress(zmq.ZMQError):
-                    self._link.sock.disable_monitor()
-                self._monitor.close(linger=0)
-                self._monitor = None
+            self._acked.close_monitor()
             self._link.close()
             if self._owns_spool:
                 self.spool.close()
@@ -373,12 +317,7 @@ class AckedPuller(Puller):
                 m.ready.clear()  # a batch: never from an acknowledged pusher
                 continue
             mid = msg.id
-            if dedup is None:
-                verdict = ledger.receive(msg.peer, mid, False, False)
-                begun = False
-            else:
-                begun = dedup.seen(begun_key(mid))
-                verdict = ledger.receive(msg.peer, mid, dedup.seen(mid), begun)
+            verdict, begun = classify(ledger, dedup, msg)
             if verdict == ACK_ONLY:
                 if ledger.pending_acks >= ledger.ack_batch:
                     self._flush_acks()
@@ -449,14 +388,7 @@ class AckedPuller(Puller):
         self._send_acks()
 
     def _send_acks(self) -> None:
-        sock = self._link.sock
-        for peer, ids in self._ledger.take_acks():
-            try:
-                sock.send_multipart(ack_frames(peer, ids), zmq.NOBLOCK)
-            except zmq.ZMQError:
-                # The pusher is gone (ROUTER_MANDATORY) or full: it re-sends, and the
-                # re-send is acknowledged again (de-duplicated under effectively-once).
-                self.metrics.counters["acks_unroutable"] += 1
+        send_acks(self._link.sock, self._ledger, self.metrics)
 
     def close(self) -> None:
         """Record and acknowledge what is done, close the socket and the de-dup spool.

@@ -36,6 +36,7 @@ from zmqmesh import (
     Timeout,
 )
 
+from ._delivery_core import SpoolArg, puller_delivery, pusher_delivery
 from ._pipeline_core import Outgoing, SendCore
 from ._pipeline_io import (
     NB_MORE,
@@ -51,6 +52,7 @@ from ._pipeline_io import (
     send_raw,
     wait_ms,
 )
+from ._proto.delivery import AT_MOST_ONCE, Delivery
 from ._proto.pipeline import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_COUNT,
@@ -231,7 +233,20 @@ class AsyncPusher(_AsyncSender):
     With `batch=True` an open batch is also sent by a timer on the event
     loop `batch_linger` seconds after its first message, so a lone message
     does not wait for the next `send`.
+
+    `delivery="at-least-once"` (or `spool=PATH`) makes an
+    `AsyncAckedPusher` (a subclass; see `Pusher`).
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AsyncPusher:
+        if cls is AsyncPusher:
+            what = f"pusher {kwargs.get('name', 'pusher')}"
+            chosen = pusher_delivery(kwargs.get("delivery"), kwargs.get("spool"), what)
+            if chosen != AT_MOST_ONCE:
+                from ._delivery_async import AsyncAckedPusher
+
+                return object.__new__(AsyncAckedPusher)
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -251,8 +266,13 @@ class AsyncPusher(_AsyncSender):
         batch_linger: float = DEFAULT_BATCH_LINGER,
         clock: Clock | None = None,
         name: str = "pusher",
+        delivery: Delivery | None = None,
+        spool: SpoolArg = None,
+        window: int = 1000,
+        ack_timeout: float = 2.0,
     ) -> None:
         self._what = f"pusher {name}"
+        self.delivery: Delivery = pusher_delivery(delivery, spool, self._what)
         self._core = SendCore(
             name=name,
             what=self._what,
@@ -415,7 +435,21 @@ class AsyncPusher(_AsyncSender):
 
 
 class AsyncPuller(_AsyncReceiver):
-    """The asyncio twin of `Puller`: `await recv()`, `await recv_as(T)`, `async for`."""
+    """The asyncio twin of `Puller`: `await recv()`, `await recv_as(T)`, `async for`.
+
+    `delivery="at-least-once"` or `"effectively-once"` (with `dedup=PATH`)
+    makes an `AsyncAckedPuller` (a subclass; see `Puller`).
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> AsyncPuller:
+        if cls is AsyncPuller:
+            what = f"puller {kwargs.get('name', 'puller')}"
+            chosen = puller_delivery(kwargs.get("delivery"), kwargs.get("dedup"), what)
+            if chosen != AT_MOST_ONCE:
+                from ._delivery_async import AsyncAckedPuller
+
+                return object.__new__(AsyncAckedPuller)
+        return object.__new__(cls)
 
     def __init__(
         self,
@@ -428,8 +462,12 @@ class AsyncPuller(_AsyncReceiver):
         hwm: int = DEFAULT_HWM,
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         name: str = "puller",
+        delivery: Delivery | None = None,
+        dedup: SpoolArg = None,
+        ack_batch: int = 64,
     ) -> None:
         self._what = f"puller {name}"
+        self.delivery: Delivery = puller_delivery(delivery, dedup, self._what)
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, component=name)
         self._ready = self._machine.ready
         self.metrics = self._machine.metrics

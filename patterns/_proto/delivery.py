@@ -183,8 +183,8 @@ class SendWindow:
     def stored(self, seq: int, message_id: bytes, frames: list[bytes], now: float) -> bool:
         """A message is in the spool as row `seq`; True: send it now (it is in flight)."""
         if self.backlog or len(self.inflight) >= self.window:
-            if not self.backlog:
-                self.backlog_from = seq
+            # min(): concurrent senders (asyncio) may report their rows out of order.
+            self.backlog_from = min(self.backlog_from, seq) if self.backlog else seq
             self.backlog += 1
             return False
         self.inflight[message_id] = _InFlight(seq, frames, now + self.ack_timeout)
@@ -197,10 +197,12 @@ class SendWindow:
         out: list[list[bytes]] = []
         deadline = now + self.ack_timeout
         for seq, mid, frames in rows:
-            self.backlog -= 1
             self.backlog_from = seq + 1
-            if mid in self.inflight:  # cannot happen with one owner; never send twice
+            if mid in self.inflight:
+                # Sent already (a later row that went straight out while an earlier
+                # one was reported late): not part of the backlog, never sent twice.
                 continue
+            self.backlog -= 1
             self.inflight[mid] = _InFlight(seq, frames, deadline)
             out.append(frames)
         if not rows or self.backlog <= 0:
