@@ -10,6 +10,15 @@
   a `name`): directed messages to a named peer; sending to a peer that is not
   connected raises `SendError` naming it.
 
+Delivery contracts, one per channel (`delivery=` on both ends):
+"at-most-once" (the default: plain PUSH/PULL), "at-least-once" (the pusher
+stores each message in `spool=PATH` and re-sends it until a puller
+acknowledges it; over DEALER/ROUTER) and "effectively-once" (plus the
+puller's persisted de-dup window, `dedup=PATH`). Acknowledging ends are
+`AckedPusher` / `AckedPuller` (and the asyncio twins), which `Pusher(...)`
+and `Puller(...)` build when asked for a contract; received messages are
+`Delivered` (with `in_doubt`). See `patterns._proto.delivery`.
+
 Wire: `[Data header, body...]` on PUSH/PULL; `[b"", Data header, body...]`
 from a dealer, seen by the router behind the dealer's routing id. The
 protocol decisions live in `patterns._proto.pipeline`.
@@ -17,8 +26,18 @@ protocol decisions live in `patterns._proto.pipeline`.
 
 from __future__ import annotations
 
+from ._delivery_async import AsyncAckedPuller, AsyncAckedPusher
+from ._delivery_sync import AckedPuller, AckedPusher
 from ._pipeline_async import AsyncDealer, AsyncPuller, AsyncPusher, AsyncRouter
 from ._pipeline_sync import Dealer, Puller, Pusher, Router
+from ._proto.delivery import (
+    AT_LEAST_ONCE,
+    AT_MOST_ONCE,
+    DELIVERIES,
+    EFFECTIVELY_ONCE,
+    Delivered,
+    Delivery,
+)
 from ._proto.pipeline import DEFAULT_BATCH_BYTES, DEFAULT_BATCH_COUNT, DEFAULT_BATCH_LINGER
 
 __all__ = [
@@ -32,6 +51,17 @@ __all__ = [
     "AsyncRouter",
     "Dealer",
     "Router",
+    # delivery contracts
+    "AT_LEAST_ONCE",
+    "AT_MOST_ONCE",
+    "DELIVERIES",
+    "EFFECTIVELY_ONCE",
+    "AckedPuller",
+    "AckedPusher",
+    "AsyncAckedPuller",
+    "AsyncAckedPusher",
+    "Delivered",
+    "Delivery",
     # batching defaults
     "DEFAULT_BATCH_BYTES",
     "DEFAULT_BATCH_COUNT",

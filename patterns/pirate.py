@@ -10,6 +10,9 @@ so a worker or queue written from the spec in any language interoperates.
   0-9 with aging, request TTL, back-pressure.
 - `Worker` / `AsyncWorker`: a handler function (sync or async), heartbeats,
   liveness, reconnects with backoff and a fresh identity.
+- `Queue(spool=PATH)`: a durable queue; accepted requests are committed
+  before dispatch, survive a kill and are re-dispatched after a restart,
+  client retries are matched to them (`patterns._proto.durable_queue`).
 - Dead letters: `DeadLetter` (reason and `Attempt` history), the
   `DeadLetterSink` protocol and `MemoryDeadLetters`, the default sink.
 
