@@ -73,6 +73,9 @@ log = logging.getLogger("zmqmesh.pipeline")
 NOBLOCK: Final = int(zmq.NOBLOCK)
 SNDMORE: Final = int(zmq.SNDMORE)
 NB_MORE: Final = NOBLOCK | SNDMORE
+#: ZMTP heartbeat interval (ms) on sockets that follow an endpoint source; a
+#: peer silent for three intervals is disconnected (the PPP default: 1 s x 3).
+FOLLOW_HEARTBEAT_MS: Final = 1000
 #: Longest wait between drains of an endpoint source while blocked.
 SOURCE_POLL: Final = 0.25
 _DecodeError: Final = msgspec.DecodeError
@@ -291,6 +294,14 @@ class Link:
         )
         self.guard: ZapGuard | None = None
         try:
+            if source is not None:
+                # ZMTP 3.1 heartbeats (RFC 37 PING/PONG) on the connections made
+                # by following a source: a peer cut off without a FIN is dropped
+                # after 3 s (then a PUSH stops queueing to it), not when TCP gives
+                # up minutes later; its mDNS records would outlive it even longer.
+                self.sock.setsockopt(zmq.HEARTBEAT_IVL, FOLLOW_HEARTBEAT_MS)
+                self.sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * FOLLOW_HEARTBEAT_MS)
+                self.sock.setsockopt(zmq.HEARTBEAT_TTL, 3 * FOLLOW_HEARTBEAT_MS)
             if immediate:
                 # Queue only to completed connections: no message waits in the
                 # pipe of a peer that is not there while others could take it.

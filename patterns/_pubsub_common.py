@@ -157,6 +157,12 @@ class Peers:
                         log.info("%s: disconnected from %s (peer removed)", self.what, ep)
             elif ep not in self.connected:
                 try:
+                    # ZMTP 3.1 heartbeats (RFC 37) on followed connections: a peer
+                    # cut off without a FIN is dropped after 3 s, not when TCP
+                    # gives up; set before connect (read when the session starts).
+                    sock.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+                    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3000)
+                    sock.setsockopt(zmq.HEARTBEAT_TTL, 3000)
                     if event.public_key and sock.mechanism == zmq.CURVE and not sock.curve_server:
                         # A peer announces its own CURVE key: use it for this connection.
                         sock.curve_serverkey = event.public_key.encode()

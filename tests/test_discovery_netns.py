@@ -251,3 +251,58 @@ def test_queue_worker_client_by_service_name_and_a_worker_cut_off(netns3: NetnsL
     # the queue from its browser's table (forgotten, not waiting for the TTL).
     worker_b.err_until("forgotten", time.monotonic() + 5)
     assert worker_c.proc.poll() is None and queue_a.proc.poll() is None
+
+
+def _collect(tool: Tool, want: set[str], timeout: float) -> set[str]:
+    """Lines from `tool` until all of `want` came or `timeout` passed; what came."""
+    got: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while want - got:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            got.add(tool.out.get(timeout=left))
+        except queue.Empty:
+            break
+    return got
+
+
+def test_pusher_stops_using_a_puller_cut_off(netns3: NetnsLab) -> None:
+    """Pullers on a and b, a pusher on c by service name; b cut off: ZMTP heartbeats drop it."""
+    lab = netns3
+    svc = "feed"
+    pull_a = Tool(lab, "a", "pull", "--bind", "tcp://*:5557", "--announce", svc)
+    pull_b = Tool(lab, "b", "pull", "--bind", "tcp://*:5557", "--announce", svc)
+    push_c = Tool(lab, "c", "push", "--service", svc, "--wait-timeout", "20")
+    batch = 0
+
+    def send_batch() -> set[str]:
+        nonlocal batch
+        batch += 1
+        ids = {f"m{batch}.{i}" for i in range(10)}
+        for body in sorted(ids):
+            push_c.send(body)
+        return ids
+
+    # Both pullers found and used: round-robin gives each a share.
+    deadline = time.monotonic() + 15
+    seen_a: set[str] = set()
+    seen_b: set[str] = set()
+    while not (seen_a and seen_b):
+        assert time.monotonic() < deadline, "the pusher never used both pullers"
+        ids = send_batch()
+        seen_a |= _collect(pull_a, ids, 0.5)
+        seen_b |= _collect(pull_b, ids - seen_a, 0.5)
+
+    lab.cut("b")
+    cut_at = time.monotonic()
+    while True:
+        assert time.monotonic() < cut_at + 10, "the pusher kept sending to the cut-off puller"
+        ids = send_batch()
+        if _collect(pull_a, ids, 1.0) == ids:
+            break
+    elapsed = time.monotonic() - cut_at
+    # 3 s of ZMTP silence (1 s heartbeat x 3) plus one batch's wait.
+    assert elapsed < 3 + 2.5, f"messages still went to b {elapsed:.2f} s after the cut"
+    assert push_c.proc.poll() is None and pull_a.proc.poll() is None

@@ -182,7 +182,7 @@ def _where(args: argparse.Namespace, mesh: MeshFlags) -> dict[str, Any]:
             raise ConfigError("--service finds the peers: give it without --bind/--connect")
         return {"source": mesh.source(), "curve": mesh.client_curve()}
     if not binds and not connects:
-        raise ConfigError("give at least one --bind EP, --connect EP or --service NAME")
+        raise ConfigError("give at least one --bind EP or --connect EP (or --service NAME)")
     for ep in [*binds, *connects]:
         parse_endpoint(ep)
     if binds and connects and getattr(args, "secret_key", None):

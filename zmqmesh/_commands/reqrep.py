@@ -324,9 +324,10 @@ def run_reply(args: argparse.Namespace) -> int:
         raise
     try:
         mesh.announce(server.endpoints)
-        for ep in server.endpoints:
-            print(f"bound {ep}", flush=True)
+        # The handler first: a SIGTERM sent on reading 'bound' must stop cleanly.
         with _stop_on_sigterm(server.stop):
+            for ep in server.endpoints:
+                print(f"bound {ep}", flush=True)
             server.serve_forever()
     finally:
         mesh.close()  # goodbyes first: clients stop choosing this server
