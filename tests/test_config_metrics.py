@@ -106,3 +106,21 @@ def test_metrics_http_endpoint() -> None:
             again = resp.read().decode()
     assert 'zmqmesh_messages_in_total{component="jobs"} 4' in text
     assert 'zmqmesh_messages_in_total{component="jobs"} 5' in again
+
+
+def test_observe_age_samples_envelopes_and_skips_other_frames() -> None:
+    import time
+
+    from zmqmesh import PROTOCOL_VERSION, Data, encode_header, observe_age
+
+    m = Metrics("relay")
+    created = time.time_ns() - 2_000_000  # 2 ms ago
+    observe_age(m, encode_header(Data(version=PROTOCOL_VERSION, sender=b"s" * 8, seq=1,
+                                      created_ns=created)))  # fmt: skip
+    observe_age(m, b"plain REQ body, not a header")
+    observe_age(m, encode_header(Data(version=PROTOCOL_VERSION, sender=b"s" * 8, seq=2,
+                                      created_ns=time.time_ns() + 10**9)))  # fmt: skip
+    hist = m.histograms["latency"]
+    assert hist.count == 2 and hist.sum >= 0.002
+    assert hist.counts[0] == 1  # a header from a clock ahead of ours counts as age 0
+    assert m.counters == {}  # skipped frames are not errors

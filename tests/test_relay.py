@@ -153,6 +153,26 @@ def test_the_subprocess_reports_config_errors_on_stderr(tmp_path: pathlib.Path) 
     assert done.stdout == ""
 
 
+def test_missing_key_file_is_a_config_error_and_a_taken_port_a_runtime_one(
+    tmp_path: pathlib.Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    secured = write(tmp_path, '[security]\nsecret_key = "k.key_secret"\n' + CONFIG.format(grace=5))
+    assert main(["relay", "--check", str(secured)]) == 2
+    err = capsys.readouterr().err
+    assert f"{secured}: key 'security': CURVE secret key file {tmp_path}/k.key_secret" in err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = CONFIG.format(grace=5).replace(
+            'backend = "tcp://127.0.0.1:*"\nheartbeat',
+            f'backend = "tcp://127.0.0.1:{port}"\nheartbeat',
+        )
+        assert main(["relay", str(write(tmp_path, config))]) == 1
+    err = capsys.readouterr().err
+    assert f"127.0.0.1:{port}" in err and err.count("\n") == 1, err
+
+
 def test_spool_key_until_queues_take_one(tmp_path: pathlib.Path) -> None:
     from zmqmesh._commands._relay_node import _queue_accepts_spool
 

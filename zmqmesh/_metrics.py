@@ -82,7 +82,9 @@ class Metrics:
     def snapshot(self) -> dict[str, float]:
         """Counters and gauges as one flat dict (histograms as _count/_sum/_p50/_p99)."""
         out: dict[str, float] = {**self.counters, **self.gauges}
-        for name, h in self.histograms.items():
+        # list() copies in one step under the GIL: another thread (a control socket,
+        # a scrape) may snapshot while the component's loop adds a histogram.
+        for name, h in list(self.histograms.items()):
             out[f"{name}_count"] = h.count
             out[f"{name}_sum"] = h.sum
             out[f"{name}_p50"] = h.quantile(0.5)

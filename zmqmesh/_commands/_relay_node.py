@@ -83,13 +83,36 @@ def _queue_accepts_spool() -> bool:
 
 
 def check_supported(config: RelayConfig, source_name: str = "<config>") -> None:
-    """Raise `ConfigError` for keys this build cannot serve (checked by `--check` too)."""
+    """Raise `ConfigError` for what the config names but this host or build cannot
+    serve: unreadable key files, a spool on a queue without one (`--check` too)."""
+    if config.security is not None:
+        _security(config, source_name)
     for i, q in enumerate(config.queue):
         if q.spool is not None and not _queue_accepts_spool():
             raise ConfigError(
                 f"{source_name}: key 'queue[{i}].spool': durable queues are not available in "
                 "this version (patterns.pirate.Queue takes no spool=); remove the key"
             )
+
+
+def _beside(path: str, source_name: str) -> pathlib.Path:
+    """A relative path in the config is relative to the config file, not to the cwd."""
+    p = pathlib.Path(path)
+    config_file = pathlib.Path(source_name)
+    if not p.is_absolute() and config_file.is_file():
+        return config_file.parent / p
+    return p
+
+
+def _security(config: RelayConfig, source_name: str) -> CurveOptions | None:
+    sec = config.security
+    if sec is None:
+        return None
+    allow = None if sec.allow is None else _beside(sec.allow, source_name)
+    try:
+        return server_curve(_beside(sec.secret_key, source_name), allow=allow)
+    except ConfigError as exc:
+        raise ConfigError(f"{source_name}: key 'security': {exc}") from exc
 
 
 class RelayNode:
@@ -138,7 +161,7 @@ class RelayNode:
         self._started_at = time.monotonic()
         try:
             check_supported(self.config, self.source_name)
-            self._curve = self._security()
+            self._curve = _security(self.config, self.source_name)
             for fwd in self.config.forwarder:
                 self._components.append(self._forwarder(fwd))
             for q in self.config.queue:
@@ -158,15 +181,6 @@ class RelayNode:
             self.close()
             raise
         return self
-
-    def _security(self) -> CurveOptions | None:
-        sec = self.config.security
-        if sec is None:
-            return None
-        try:
-            return server_curve(sec.secret_key, allow=sec.allow)
-        except ConfigError as exc:
-            raise ConfigError(f"{self.source_name}: key 'security': {exc}") from exc
 
     def _forwarder(self, c: ForwarderConfig) -> _Component:
         fwd = Forwarder(
@@ -188,12 +202,7 @@ class RelayNode:
     def _queue(self, c: QueueConfig) -> _Component:
         extra: dict[str, Any] = {}
         if c.spool is not None:
-            # A relative spool path is relative to the config file, not to the cwd.
-            spool = pathlib.Path(c.spool)
-            config_file = pathlib.Path(self.source_name)
-            if not spool.is_absolute() and config_file.is_file():
-                spool = config_file.parent / spool
-            extra["spool"] = spool
+            extra["spool"] = _beside(c.spool, self.source_name)
         queue = Queue(
             frontend=c.frontend,
             backend=c.backend,
