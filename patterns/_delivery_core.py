@@ -212,7 +212,10 @@ class AckedSendCore:
             raise self.core.failed(exc) from exc
         c = self.metrics.counters
         if not sent:
+            # No puller connected (or all full): re-sent on the next connection,
+            # or after its ack timeout, whichever comes first.
             c["send_deferred"] += 1
+            self.window.disconnected()
         elif first:
             c["messages_out"] += 1
             c["bytes_out"] += sum(map(len, frames[1:]))
