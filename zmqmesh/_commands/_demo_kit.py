@@ -17,24 +17,35 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import IO, Final, Protocol, TypeVar
+from typing import IO, TYPE_CHECKING, Final, Protocol, TypeVar
 
 import zmq
 
 from .._config import RelayConfig
 from .._errors import MeshError, Timeout
 
+if TYPE_CHECKING:
+    from discovery import Peer
+    from patterns.pubsub import Publisher, Subscriber
+
 __all__ = [
     "Children",
     "InProcessRelay",
     "Narrator",
     "Relay",
+    "Saboteur",
     "SubprocessRelay",
+    "drain_to_marker",
     "format_metrics",
+    "interrupt_on_sigterm",
     "loopback_multicast_works",
+    "pick_endpoint",
+    "relay_config",
+    "term_context",
     "wait_for",
     "write_job_script",
 ]
@@ -231,6 +242,54 @@ class Children:
                 proc.stdout.close()
 
 
+class Saboteur:
+    """A thread that SIGKILLs whichever child first leaves `MARKS/NAME.busy` (the job script).
+
+    `with Saboteur(...) as s:` runs it while the body makes the request the
+    victim will hold; leaving the block stands it down and joins it;
+    `s.victim` then names the child killed (or raises why none was).
+    """
+
+    def __init__(
+        self, children: Children, names: Sequence[str], marks: Path, *, timeout: float
+    ) -> None:
+        self._children = children
+        self._names = tuple(names)
+        self._marks = marks
+        self._timeout = timeout
+        self._cancel = threading.Event()
+        self._victim = ""
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="zmqmesh-demo-saboteur")
+
+    def _holders(self) -> list[str]:
+        if self._cancel.is_set():
+            raise MeshError("the long job ended before any worker was seen starting it")
+        return [n for n in self._names if (self._marks / f"{n}.busy").exists()]
+
+    def _run(self) -> None:
+        try:
+            busy = wait_for(self._holders, self._timeout, "a worker starting the long job")
+            self._children.kill(busy[0])
+            self._victim = busy[0]
+        except BaseException as exc:
+            self._error = exc
+
+    def __enter__(self) -> Saboteur:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._cancel.set()
+        self._thread.join()
+
+    @property
+    def victim(self) -> str:
+        if self._error is not None:
+            raise self._error
+        return self._victim
+
+
 class Relay(Protocol):
     """What the tour needs of a relay node, however it runs."""
 
@@ -334,6 +393,69 @@ class InProcessRelay:
             self._node.drain(1.0)
             self._node.close()
             self.exit_status = 0
+
+
+def relay_config(
+    *, node: str, jobs: str | None, ticks: str | None, heartbeat: float, liveness: int
+) -> str:
+    """The tour's relay config (TOML); `jobs` / `ticks` are the service names to announce."""
+    announce_jobs = f'announce = "{jobs}"\n' if jobs else ""
+    announce_ticks = f'announce = "{ticks}"\n' if ticks else ""
+    any_port = '"tcp://127.0.0.1:*"'
+    return (
+        "# Written by `zmqmesh demo`: the relay of the tour.\n"
+        f'[node]\nname = "{node}"\ncontrol = {any_port}\n'
+        'interfaces = ["127.0.0.1"]\ngrace = 1.0\n\n'
+        f'[[forwarder]]\nname = "ticks"\nfrontend = {any_port}\nbackend = {any_port}\n'
+        f"{announce_ticks}\n"
+        f'[[queue]]\nname = "jobs"\nfrontend = {any_port}\nbackend = {any_port}\n'
+        f"heartbeat = {heartbeat}\nliveness = {liveness}\nmax_attempts = 3\n{announce_jobs}"
+    )
+
+
+def pick_endpoint(peers: Sequence[Peer], role: str, socket_type: str) -> str:
+    """The endpoint of the first peer with `role` and `socket_type`."""
+    for p in peers:
+        if p.role == role and p.socket_type == socket_type:
+            return p.endpoint
+    raise MeshError(f"mDNS found no {role} endpoint of socket type {socket_type}")
+
+
+def drain_to_marker(pub: Publisher, sub: Subscriber, topic: str, *, timeout: float) -> int:
+    """Read `sub` up to a last message "end" on `topic` (sent again while a pipe drops it).
+
+    The marker goes on the same topic as the burst before it: a hole in a
+    topic's numbers shows only when a later message of that topic arrives.
+    Returns how many messages came before the marker.
+    """
+    received = 0
+    pub.publish(topic, b"end")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            msg = sub.recv(timeout=0.5)
+        except Timeout:
+            pub.publish(topic, b"end")  # the last one was dropped too
+            continue
+        if msg.body == b"end":
+            return received
+        received += 1
+    raise MeshError(f"subscriber {sub.name} did not catch up within {timeout:g} s")
+
+
+def term_context(ctx: zmq.Context[zmq.Socket[bytes]], timeout: float = 5.0) -> None:
+    """Terminate the context; a socket left open is a bug, reported instead of hanging."""
+    done = threading.Event()
+
+    def term() -> None:
+        ctx.term()
+        done.set()
+
+    t = threading.Thread(target=term, name="zmqmesh-demo-term", daemon=True)
+    t.start()
+    t.join(timeout)
+    if not done.is_set():
+        print("zmqmesh demo: a socket was left open (a bug); exiting anyway", file=sys.stderr)
 
 
 def write_job_script(directory: Path) -> Path:

@@ -23,7 +23,7 @@ import secrets
 import shutil
 import sys
 import tempfile
-import threading
+import textwrap
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -32,7 +32,7 @@ from typing import Any, Final
 
 import zmq
 
-from .._config import load_config
+from .._config import RelayConfig, load_config
 from .._errors import DiscoveryError, MeshError, SendError
 from .._sources import EndpointSource, StaticPeers
 from ._demo_kit import (
@@ -40,10 +40,15 @@ from ._demo_kit import (
     InProcessRelay,
     Narrator,
     Relay,
+    Saboteur,
     SubprocessRelay,
+    drain_to_marker,
     format_metrics,
     interrupt_on_sigterm,
     loopback_multicast_works,
+    pick_endpoint,
+    relay_config,
+    term_context,
     wait_for,
     write_job_script,
 )
@@ -104,25 +109,10 @@ def run(args: argparse.Namespace) -> int:
             say.say("every socket closes with linger 0.")
         say.saw(f"relay exit status {tour.relay.exit_status}")
     finally:
-        _term(ctx)
+        term_context(ctx)
         shutil.rmtree(tmp, ignore_errors=True)
     say.saw(f"done in {say.elapsed:.1f} s; nothing left running.")
     return 0
-
-
-def _term(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
-    """Terminate the context; a socket left open is a bug, reported instead of hanging."""
-    done = threading.Event()
-
-    def term() -> None:
-        ctx.term()
-        done.set()
-
-    t = threading.Thread(target=term, name="zmqmesh-demo-term", daemon=True)
-    t.start()
-    t.join(5.0)
-    if not done.is_set():
-        print("zmqmesh demo: a socket was left open (a bug); exiting anyway", file=sys.stderr)
 
 
 class _Tour:
@@ -148,32 +138,48 @@ class _Tour:
         self.ticks = f"ticks-{token}"
         self.node = f"demo-relay-{token}"
         self.mdns = False
-        self.disc: Any = None  # discovery.Discovery when mDNS works
+        self.no_mdns_why = ""  # why the peers get a static list, for the narration
+        self.worker_flags: list[str] = []  # how the worker processes find the queue
         self.relay: Relay
         self.local: list[Any] = []  # this process's components, for the metrics table
 
     def run(self) -> None:
         self.step_relay()
         queue_source, forwarder = self.step_discovery()
-        client = self.step_requests(queue_source)
+        self.step_requests(queue_source)
         self.step_pubsub(*forwarder)
         self.step_curve()
-        self.step_metrics(client)
+        self.step_metrics()
 
     # ----------------------------------------------------------------- 1. relay
 
     def step_relay(self) -> None:
         say = self.say
         say.step("A relay node: a pub/sub forwarder and a Paranoid Pirate queue")
-        self.mdns = not self.args.no_mdns and loopback_multicast_works()
+        if self.args.no_mdns:
+            self.no_mdns_why = "mDNS is off (--no-mdns), as on a network without multicast."
+        elif not loopback_multicast_works():
+            self.no_mdns_why = (
+                "Multicast does not work on 127.0.0.1 here (it needs `ip link set lo "
+                "multicast on`, which takes root), so mDNS cannot run."
+            )
+        self.mdns = not self.no_mdns_why
         say.say("A relay is the fixed point of a mesh: publishers and subscribers meet at")
         say.say("its forwarder 'ticks', clients and workers at its queue 'jobs'.")
         if self.mdns:
             say.say("It announces both by mDNS, so nobody needs to be told a port.")
         path = self.tmp / "relay.toml"
-        path.write_text(self._config_text(self.mdns))
+        path.write_text(
+            relay_config(
+                node=self.node,
+                jobs=self.jobs if self.mdns else None,
+                ticks=self.ticks if self.mdns else None,
+                heartbeat=HEARTBEAT,
+                liveness=LIVENESS,
+            )
+        )
         config = load_config(path)  # the same validation `zmqmesh relay --check` does
-        self.relay = self._start_relay(path)
+        self.relay = self._start_relay(path, config)
         self.stack.callback(self.relay.close)
         r = self.relay
         say.saw(f"relay running {r.how}; it bound:")
@@ -187,24 +193,10 @@ class _Tour:
             ]
         )
 
-    def _config_text(self, announce: bool) -> str:
-        jobs = f'announce = "{self.jobs}"\n' if announce else ""
-        ticks = f'announce = "{self.ticks}"\n' if announce else ""
-        return (
-            "# Written by `zmqmesh demo`: the relay of the tour.\n"
-            f'[node]\nname = "{self.node}"\ncontrol = "tcp://127.0.0.1:*"\n'
-            'interfaces = ["127.0.0.1"]\ngrace = 1.0\n\n'
-            '[[forwarder]]\nname = "ticks"\nfrontend = "tcp://127.0.0.1:*"\n'
-            f'backend = "tcp://127.0.0.1:*"\n{ticks}\n'
-            '[[queue]]\nname = "jobs"\nfrontend = "tcp://127.0.0.1:*"\n'
-            f'backend = "tcp://127.0.0.1:*"\nheartbeat = {HEARTBEAT}\nliveness = {LIVENESS}\n'
-            f"max_attempts = 3\n{jobs}"
-        )
-
-    def _start_relay(self, path: Path) -> Relay:
+    def _start_relay(self, path: Path, config: RelayConfig) -> Relay:
         """The relay of the config at `path`; the one place that decides how it runs."""
         if self.args.in_process:
-            return InProcessRelay(load_config(path), path)
+            return InProcessRelay(config, path)
         return SubprocessRelay(self.children, path, ctx=self.ctx, timeout=STEP_TIMEOUT)
 
     # ------------------------------------------------------------- 2. discovery
@@ -216,7 +208,7 @@ class _Tour:
         if self.mdns:
             from discovery import Discovery
 
-            self.disc = disc = Discovery(interfaces=["127.0.0.1"])
+            disc = Discovery(interfaces=["127.0.0.1"])
             self.stack.callback(disc.close)
             say.say(f"The relay announced '{self.jobs}' and '{self.ticks}' on 127.0.0.1.")
             say.say("We ask for them by name, as any client or worker on the LAN would:")
@@ -228,15 +220,15 @@ class _Tour:
                 ]
                 ms = (time.monotonic() - t0) * 1000
             except DiscoveryError as exc:
-                say.saw(f"mDNS did not answer ({exc}); falling back to a static peer list")
+                self.no_mdns_why = f"mDNS did not answer: {exc}."
                 self.mdns = False
             else:
                 say.lines([f"{p.service:<13} {p.role:<14} {p.endpoint}" for p in peers])
                 say.saw(f"resolved {len(peers)} endpoints in {ms:.0f} ms")
                 # Publishers connect to the forwarder's XSUB, announced as a subscriber
                 # (it subscribes on their behalf); subscribers to its XPUB.
-                front = _pick(peers, "subscriber", "XSUB")
-                back = _pick(peers, "forwarder", "XPUB")
+                front = pick_endpoint(peers, "subscriber", "XSUB")
+                back = pick_endpoint(peers, "forwarder", "XPUB")
                 self.worker_flags = ["--service", self.jobs, "--interface", "127.0.0.1"]
                 from discovery import ServiceSource
 
@@ -245,11 +237,8 @@ class _Tour:
                 # The client follows the service from now on; wait for its first peer.
                 wait_for(lambda: source.peers, STEP_TIMEOUT, f"a peer of {self.jobs}")
                 return source, (front, back)
-        if self.args.no_mdns:
-            say.say("mDNS is off (--no-mdns), as on a network without multicast.")
-        elif not self.mdns:
-            say.say("Multicast does not work on 127.0.0.1 here (it needs `ip link set lo")
-            say.say("multicast on`, which takes root), so mDNS cannot run.")
+        for line in textwrap.wrap(self.no_mdns_why, 76):
+            say.say(line)
         say.say("Without multicast the same code takes a static peer list instead:")
         say.say("zmqmesh.StaticPeers([...]) has the API of a discovery browser.")
         say.saw(f"static peers: queue {r.queue_frontend}, workers {r.queue_backend}")
@@ -258,7 +247,7 @@ class _Tour:
 
     # -------------------------------------------------------------- 3. requests
 
-    def step_requests(self, source: EndpointSource) -> Any:
+    def step_requests(self, source: EndpointSource) -> None:
         from patterns.reqrep import Client
 
         say = self.say
@@ -293,36 +282,12 @@ class _Tour:
 
         say.say("Now a long job (half a second). Whichever worker takes it is SIGKILLed")
         say.say("while it works, and its command with it (the whole process group).")
-        killed: list[str] = []
-        failed: list[BaseException] = []
-        cancel = threading.Event()  # the request failed or was interrupted: stand down
-
-        def holder() -> list[str]:
-            if cancel.is_set():
-                raise MeshError("the long job was abandoned")
-            return [n for n in names if (marks / f"{n}.busy").exists()]
-
-        def saboteur() -> None:
-            try:
-                busy = wait_for(holder, STEP_TIMEOUT, "a worker starting the long job")
-                self.children.kill(busy[0])
-                killed.append(busy[0])
-            except BaseException as exc:
-                failed.append(exc)
-
         before = self.relay.stats()["jobs"]
-        t = threading.Thread(target=saboteur, name="zmqmesh-demo-saboteur", daemon=True)
-        t.start()
         t0 = time.monotonic()
-        try:
+        with Saboteur(self.children, names, marks, timeout=STEP_TIMEOUT) as saboteur:
             reply = client.request(b"long job", timeout=STEP_TIMEOUT, retries=0).body.decode()
-        finally:
-            cancel.set()
-            t.join()
         took = time.monotonic() - t0
-        if failed:
-            raise failed[0]
-        victim = killed[0]
+        victim = saboteur.victim
 
         def redispatched() -> dict[str, float] | None:
             jobs = self.relay.stats()["jobs"]
@@ -339,7 +304,6 @@ class _Tour:
         say.saw(f"request finished on another worker: '{reply}' ({took:.1f} s, no retry needed)")
         if finisher == victim:
             raise MeshError(f"the long job came back from {victim}, which was killed")
-        return client
 
     def _workers_idle(self, names: tuple[str, ...]) -> Callable[[], bool]:
         def idle() -> bool:
@@ -403,7 +367,7 @@ class _Tour:
             for _ in range(burst):
                 pub.publish("ticks.eurusd", body)
             sent += burst
-            received += self._drain(pub, slow)
+            received += drain_to_marker(pub, slow, "ticks.eurusd", timeout=STEP_TIMEOUT)
             if gaps:
                 break
             say.saw(
@@ -421,28 +385,6 @@ class _Tour:
             f"{missed:,} messages missed (the first gap: expected #{first.expected:,}, "
             f"got #{first.received:,})"
         )
-
-    def _drain(self, pub: Any, slow: Any) -> int:
-        """Read `slow` up to a last tick, "end" (sent again while the pipe may drop it).
-
-        The last tick is on the same topic: a hole in a topic's numbers shows
-        only when a later message of that topic arrives.
-        """
-        from zmqmesh import Timeout
-
-        received = 0
-        pub.publish("ticks.eurusd", b"end")
-        deadline = time.monotonic() + STEP_TIMEOUT
-        while time.monotonic() < deadline:
-            try:
-                msg = slow.recv(timeout=0.5)
-            except Timeout:
-                pub.publish("ticks.eurusd", b"end")  # the last one was dropped too
-                continue
-            if msg.body == b"end":
-                return received
-            received += 1
-        raise MeshError(f"the slow subscriber did not catch up in {STEP_TIMEOUT:g} s")
 
     # ----------------------------------------------------------------- 5. CURVE
 
@@ -504,7 +446,7 @@ class _Tour:
 
     # --------------------------------------------------------------- 6. metrics
 
-    def step_metrics(self, client: Any) -> None:
+    def step_metrics(self) -> None:
         say = self.say
         say.step("The metrics table")
         say.say("Every component counts what it did and what it dropped. The relay's")
@@ -514,10 +456,3 @@ class _Tour:
         for comp in self.local:
             stats[comp.metrics.component] = comp.metrics.snapshot()
         say.lines(format_metrics(stats))
-
-
-def _pick(peers: list[Any], role: str, socket_type: str | None = None) -> str:
-    for p in peers:
-        if p.role == role and (socket_type is None or p.socket_type == socket_type):
-            return str(p.endpoint)
-    raise MeshError(f"mDNS found no {role} {socket_type or ''} endpoint".replace("  ", " "))
