@@ -2,9 +2,9 @@
 finishes in time with exit 0, and leaves no process or file behind.
 
 Once as a user runs it (the relay a `zmqmesh relay` subprocess, mDNS on
-loopback where multicast works there), once without multicast and with the
-relay in-process (`--no-mdns --in-process`), the paths a machine without
-multicast or a relay binary takes.
+loopback where multicast works there), and once in this process as on a
+machine where multicast does not work, with the relay in-process too: the
+tour must fall back to static peers and say so, and leave no thread behind.
 """
 
 from __future__ import annotations
@@ -101,10 +101,22 @@ def test_demo_tour_with_relay_subprocess_and_mdns() -> None:
         assert "static peers:" in out
 
 
-def test_demo_without_multicast_and_relay_in_process() -> None:
-    done, took = run_demo("--no-mdns", "--in-process")
+def test_demo_falls_back_to_static_peers_without_multicast(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """In this process (the leak checks watch its threads), relay in-process too."""
+    from zmqmesh._commands import demo
+    from zmqmesh.cli import build_parser
+
+    monkeypatch.setattr(demo, "loopback_multicast_works", lambda: False)
+    args = build_parser().parse_args(["demo", "--in-process"])
+    started = time.monotonic()
+    code = args.func(args)
+    took = time.monotonic() - started
+    captured = capsys.readouterr()
+    done = subprocess.CompletedProcess(["demo"], code, captured.out, captured.err)
     out = check_tour(done, took)
-    assert "mDNS is off (--no-mdns)" in out
+    assert "Multicast does not work on 127.0.0.1 here" in out
     assert "zmqmesh.StaticPeers" in out and "static peers: queue tcp://127.0.0.1:" in out
     assert "relay running in this process" in out
-    assert "resolved" not in out
+    assert "connect to the backend from the static list" in out and "resolved" not in out
