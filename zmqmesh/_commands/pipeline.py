@@ -13,6 +13,11 @@ queued messages to leave. `pull` prints one message body per line, or with
 `--json` the envelope as a JSON object per line. With `--bind`, both print
 the endpoints they bound on stderr (`bound tcp://127.0.0.1:PORT`).
 
+Delivery: `push --spool out.spool` (at-least-once) stores each message until
+a puller acknowledges it; `pull --delivery at-least-once` acknowledges each
+message once printed, `pull --dedup seen.spool` (effectively-once) also
+never prints a message id twice. Both ends must ask for acknowledgements.
+
 Exit codes: 0 success; 1 `--count` messages did not come within
 `--timeout`, or no puller came within `--wait-timeout`; 2 bad usage (a bad
 endpoint, a bad flag).
@@ -92,7 +97,17 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=_non_negative_float,
         default=5.0,
         metavar="S",
-        help="seconds queued messages may take to leave at exit (default 5)",
+        help="seconds queued messages may take to leave at exit (default 5); with "
+        "--spool, seconds to wait for the pullers' acks",
+    )
+    _delivery_arg(p)
+    p.add_argument(
+        "--spool",
+        default=None,
+        metavar="PATH",
+        help="store each message in this spool file until a puller acknowledges it "
+        "(implies --delivery at-least-once; pullers need --delivery too); what is not "
+        "acknowledged at exit is sent by the next push on the same spool",
     )
     p.add_argument("bodies", nargs="*", metavar="BODY", help="message bodies (default: stdin)")
     add_curve_arguments(p, server=True, client=True)
@@ -120,6 +135,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="stop after S seconds (default: run until interrupted)",
     )
     q.add_argument("--json", action="store_true", help="print each envelope as a JSON object")
+    _delivery_arg(q)
+    q.add_argument(
+        "--dedup",
+        default=None,
+        metavar="PATH",
+        help="the persisted de-dup window for --delivery effectively-once (implies it)",
+    )
     add_curve_arguments(q, server=True, client=True)
     q.set_defaults(func=run_pull)
 
@@ -138,6 +160,16 @@ def _endpoint_args(p: argparse.ArgumentParser, tool: str) -> None:
         default=[],
         metavar="EP",
         help="endpoint to connect to (repeatable)",
+    )
+
+
+def _delivery_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--delivery",
+        choices=("at-most-once", "at-least-once", "effectively-once"),
+        default=None,
+        help="the channel's contract (default at-most-once: plain ZeroMQ); both ends "
+        "must ask for an acknowledged one (at-least-once or effectively-once) alike",
     )
 
 
@@ -246,6 +278,8 @@ def run_push(args: argparse.Namespace) -> int:
             send_timeout=args.wait_timeout,
             batch=args.batch,
             name="push",
+            delivery=args.delivery,
+            spool=args.spool,
         )
         mesh.announce_server(pusher.endpoints)
         for ep in pusher.endpoints:
@@ -268,7 +302,14 @@ def run_push(args: argparse.Namespace) -> int:
     finally:
         mesh.close()  # goodbyes first
         if pusher is not None:
-            pusher.close(linger=linger)
+            pusher.close(linger=linger)  # with --spool: waits up to --linger for acks
+            unacked = getattr(pusher, "unacked", 0)
+            if unacked:
+                print(
+                    f"zmqmesh push: {unacked} message(s) not acknowledged yet, kept in "
+                    f"{args.spool} for the next push",
+                    file=sys.stderr,
+                )
         ctx.term()  # waits up to --linger for queued messages to leave
     return 0
 
@@ -284,7 +325,9 @@ def run_pull(args: argparse.Namespace) -> int:
     puller: Puller | None = None
     received = 0
     try:
-        puller = Puller(**where, ctx=ctx, name="pull")
+        puller = Puller(**where, ctx=ctx, name="pull", delivery=args.delivery, dedup=args.dedup)
+        # An acknowledging puller: a message is done once it is printed.
+        ack = getattr(puller, "ack", None)
         mesh.announce_server(puller.endpoints)
         for ep in puller.endpoints:
             print(f"bound {ep}", file=sys.stderr, flush=True)
@@ -302,6 +345,8 @@ def run_pull(args: argparse.Namespace) -> int:
                     break
                 out.write(line(msg))
                 out.flush()
+                if ack is not None:
+                    ack(msg)
                 received += 1
     except _Stop:
         return 0
