@@ -270,6 +270,9 @@ class _Tour:
         wait_for(self._workers_idle(names), STEP_TIMEOUT, "two workers joining the queue")
         say.saw(f"w1 (pid {pids['w1']}) and w2 (pid {pids['w2']}) are idle at the queue")
 
+        how = "found the queue by name" if self.mdns else "has the queue from the static list"
+        say.say(f"A client ({how}) sends {REQUESTS} requests, one after the other;")
+        say.say("the queue hands each to the least recently used idle worker.")
         client = Client(source=source, ctx=self.ctx, timeout=STEP_TIMEOUT, retries=1, name="client")
         self.stack.callback(client.close)
         self.local.append(client)
@@ -278,7 +281,7 @@ class _Tour:
             body = client.request(f"job {i}".encode()).body.decode()
             done_by[body.rpartition(" ")[2]] += 1
         split = ", ".join(f"{n} did {done_by[n]}" for n in names)
-        say.saw(f"{REQUESTS} requests answered: {split} (least recently used worker first)")
+        say.saw(f"{REQUESTS} requests answered: {split}")
 
         say.say("Now a long job (half a second). Whichever worker takes it is SIGKILLed")
         say.say("while it works, and its command with it (the whole process group).")
@@ -333,8 +336,10 @@ class _Tour:
             pub.publish(topic, value.encode())
         for _ in quotes:
             early.recv(timeout=STEP_TIMEOUT)
-        say.say("The publisher keeps the last value per topic. 'early' got 3 quotes;")
-        say.say("'late' subscribes afterwards to the same prefix 'prices.':")
+        say.say("A publisher 'feed' sends 3 quotes, which subscriber 'early' gets. It keeps")
+        say.say("the last value per topic: when a new subscription reaches it (the forwarder")
+        say.say("passes every one up), it sends the matching last values again. So 'late',")
+        say.say("subscribing to 'prices.' only now, is not left waiting for the next quote:")
         late = Subscriber(connect=backend, topics=["prices."], ctx=ctx, name="late")
         self.stack.callback(late.close)
         self.local.append(late)
@@ -449,9 +454,13 @@ class _Tour:
     def step_metrics(self) -> None:
         say = self.say
         say.step("The metrics table")
-        say.say("Every component counts what it did and what it dropped. The relay's")
-        say.say(f"come from {self.relay.stats_from}, this process's from their .metrics")
-        say.say("(non-zero values only):")
+        text = (
+            "Every component counts what it did and what it dropped. The relay's come "
+            f"from {self.relay.stats_from}; this process's from their .metrics. "
+            "Non-zero values only:"
+        )
+        for line in textwrap.wrap(text, 76):
+            say.say(line)
         stats = self.relay.stats()
         for comp in self.local:
             stats[comp.metrics.component] = comp.metrics.snapshot()
