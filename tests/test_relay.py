@@ -23,12 +23,15 @@ from patterns.pubsub import Publisher, Subscriber
 from patterns.reqrep import Client
 from tests._relay_helpers import RelayProcess, wait_until
 from zmqmesh import (
+    PROTOCOL_VERSION,
+    Data,
     KeyPair,
     Message,
     RequestTimeout,
     client_curve,
     close_socket,
     connect,
+    encode_header,
     load_keypair,
     make_socket,
     write_certificate,
@@ -455,4 +458,33 @@ announce = "{node_name}-events"
                      "--interface", "127.0.0.1"]) == 1  # fmt: skip
         assert "no peers found for service" in capsys.readouterr().err
     finally:
+        node.close()
+
+
+def test_check_gaps_counts_sequence_gaps_at_the_forwarder(ctx: Ctx) -> None:
+    config = parse_config(
+        f"""
+[[forwarder]]
+name = "events"
+frontend = "{TCP}"
+backend = "{TCP}"
+check_gaps = true
+"""
+    )
+    node = RelayNode(config).start()
+    pub = make_socket(ctx, zmq.XPUB)  # a raw publisher that sees the subscription arrive
+    try:
+        connect(pub, node.endpoints["events"]["frontend"])
+        assert pub.poll(10_000), "the monitor's subscription did not reach the publisher"
+        assert pub.recv() == b"\x01"  # subscribe to everything
+        # A publisher's stream with holes: topic_seq 1, 2, 5, 6, 10 (5 missed in 2 gaps).
+        for seq in (1, 2, 5, 6, 10):
+            header = Data(version=PROTOCOL_VERSION, sender=b"p" * 8, seq=seq,
+                          created_ns=time.time_ns(), topic_seq=seq)  # fmt: skip
+            pub.send_multipart([b"t", encode_header(header), b"x"])
+        m = node.metrics()[0]
+        wait_until(lambda: m.counters.get("messages_missed") == 5, 10, "the gaps counted")
+        assert m.counters["sequence_gaps"] == 2 and m.counters["messages_in"] == 5
+    finally:
+        close_socket(pub)
         node.close()

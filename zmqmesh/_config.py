@@ -65,6 +65,9 @@ class ForwarderConfig(_Component):
     frontend: str
     backend: str
     announce: str | None = None  # mDNS service name
+    # Decode every header on a monitor subscription to count sequence gaps
+    # (costs a full subscription upstream and a decode per message).
+    check_gaps: bool = False
 
 
 class QueueConfig(_Component):

@@ -19,6 +19,7 @@ Shutdown (`drain` then `close`), in this order:
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import pathlib
@@ -30,21 +31,22 @@ import zmq
 
 from discovery import Announcement, Discovery
 from patterns.pirate import Queue
-from patterns.pubsub import Forwarder
+from patterns.pubsub import Forwarder, Subscriber
 from patterns.streamer import Streamer
 
 from .._config import ForwarderConfig, QueueConfig, RelayConfig, StreamerConfig
-from .._errors import ConfigError, LocalProtocolError
+from .._errors import ConfigError, LocalProtocolError, Timeout
 from .._metrics import Metrics
 from .._metrics_http import MetricsServer
 from .._security import server_curve
-from .._sockets import CurveOptions
+from .._sockets import DEFAULT_HWM, CurveOptions
 from ._control import ControlServer
 
 __all__ = ["RelayNode", "check_supported"]
 
 log = logging.getLogger("zmqmesh.relay")
 
+_MONITOR_HWM = 10 * DEFAULT_HWM
 _STREAMER_COUNTERS = ("messages_in", "messages_out", "bytes_in", "bytes_out", "dropped_on_stop")
 
 
@@ -59,6 +61,7 @@ class _Component:
         # (endpoint key, role, socket type): what a peer of each side browses for.
         self.announce: list[tuple[str, str, str]] = []
         self.service: str | None = None
+        self.gaps: _GapMonitor | None = None
         self.drained = True
 
     @property
@@ -67,6 +70,8 @@ class _Component:
         return m
 
     def drain(self, grace: float) -> None:
+        if self.gaps is not None:
+            self.gaps.close()
         driver = self.driver
         if isinstance(driver, (Queue, Streamer)):
             self.drained = driver.drain(grace)
@@ -76,6 +81,49 @@ class _Component:
     def line(self) -> str:
         eps = " ".join(f"{k}={v}" for k, v in self.endpoints.items())
         return f"{self.kind} {self.name} {eps}"
+
+
+class _GapMonitor:
+    """A subscription to everything on a forwarder's inproc side, counting sequence gaps.
+
+    The forwarder itself never decodes headers (it moves frames untouched);
+    this monitor does, on its own thread, with the subscriber's machine, and
+    copies its `gaps` / `messages_missed` counts into the forwarder's metrics.
+    A monitor that falls behind by a whole high-water mark counts its own
+    drops as gaps too.
+    """
+
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, into: Metrics, name: str
+    ) -> None:
+        self._into = into
+        into.counters.setdefault("sequence_gaps", 0)
+        into.counters.setdefault("messages_missed", 0)
+        # A deep inproc queue (10x the default HWM, small messages: a few MB at
+        # most) so that a burst the forwarder moves faster than this thread
+        # decodes is not counted as a gap.
+        self._sub = Subscriber(
+            connect=endpoint, topics=[b""], ctx=ctx, hwm=_MONITOR_HWM, name=f"{name}.gaps"
+        )
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"zmqmesh-relay-gaps-{name}")
+        self._thread.start()
+
+    def _run(self) -> None:
+        sub, into, own = self._sub, self._into.counters, self._sub.metrics.counters
+        try:
+            while not self._stop.is_set():
+                with contextlib.suppress(Timeout):  # wake up to hear close()
+                    sub.recv(timeout=0.1)
+                into["sequence_gaps"] = own["gaps"]
+                into["messages_missed"] = own["messages_missed"]
+        finally:
+            sub.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
 
 
 def _queue_accepts_spool() -> bool:
@@ -183,8 +231,12 @@ class RelayNode:
         return self
 
     def _forwarder(self, c: ForwarderConfig) -> _Component:
+        backend = [c.backend]
+        monitor_ep = f"inproc://zmqmesh-relay-{id(self):x}-{c.name}-gaps"
+        if c.check_gaps:
+            backend.append(monitor_ep)
         fwd = Forwarder(
-            frontend=c.frontend, backend=c.backend, ctx=self._ctx, curve=self._curve, name=c.name
+            frontend=c.frontend, backend=backend, ctx=self._ctx, curve=self._curve, name=c.name
         )
         comp = _Component(
             "forwarder",
@@ -197,6 +249,8 @@ class RelayNode:
         comp.announce = [("backend", "forwarder", "XPUB"), ("frontend", "subscriber", "XSUB")]
         comp.service = c.announce
         fwd.start()
+        if c.check_gaps:
+            comp.gaps = _GapMonitor(self._ctx, monitor_ep, fwd.metrics, c.name)
         return comp
 
     def _queue(self, c: QueueConfig) -> _Component:
@@ -365,6 +419,8 @@ class RelayNode:
             self._control.close()
         for comp in self._components:
             try:
+                if comp.gaps is not None:
+                    comp.gaps.close()
                 comp.driver.close()
             except Exception:
                 log.exception("relay %s: closing %s failed", self.name, comp.name)
