@@ -35,8 +35,9 @@ __all__ = ["register", "run_relay"]
 _EPILOG = """\
 exit codes:
   0    checked (--check), or drained and stopped after SIGINT/SIGTERM
-  1    a run-time failure (an endpoint could not be bound, a key file unreadable)
-  2    the config file is missing or wrong (one line names the file and the key)
+  1    a run-time failure (an endpoint could not be bound: in use, no such address)
+  2    the config file (or a key file it names) is missing or wrong: one line
+       names the file and the key
   130  a second SIGINT during the drain (143 for a second SIGTERM): stopped at once
 """
 
