@@ -173,6 +173,18 @@ def _delivery_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _check_delivery(delivery: str | None, path: str | None, flag: str, durable: str) -> None:
+    """Contract and file flags that do not go together are bad usage (exit 2)."""
+    if delivery is None:
+        return
+    if delivery == durable and path is None:
+        raise ConfigError(f"--delivery {delivery} needs {flag} PATH")
+    if delivery == "at-most-once" and path is not None:
+        raise ConfigError(f"{flag} needs an acknowledged --delivery (or none)")
+    if flag == "--dedup" and delivery == "at-least-once" and path is not None:
+        raise ConfigError("--dedup is for --delivery effectively-once")
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -264,6 +276,9 @@ def run_push(args: argparse.Namespace) -> int:
 
     from patterns.pipeline import Pusher
 
+    if args.delivery == "effectively-once":
+        raise ConfigError("push --delivery: effectively-once is the puller's side (--dedup)")
+    _check_delivery(args.delivery, args.spool, "--spool", "at-least-once")
     mesh = MeshFlags(args, "push")
     where = _where(args, mesh)
     headers = _headers(args.header)
@@ -319,6 +334,7 @@ def run_pull(args: argparse.Namespace) -> int:
 
     from patterns.pipeline import Puller
 
+    _check_delivery(args.delivery, args.dedup, "--dedup", "effectively-once")
     mesh = MeshFlags(args, "pull")
     where = _where(args, mesh)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
