@@ -272,6 +272,34 @@ def test_forget_drops_until_the_peer_answers_again(
         assert next_event(browser, "added").peer.name == ann.name
 
 
+def test_forgotten_peer_is_asked_again_soon(pair: tuple[Discovery, Discovery], svc: str) -> None:
+    """With the default 120 s TTL the next refresh is 96 s away: forget asks again at ~2 s."""
+    a, b = pair
+    ann = a.announce("tcp://127.0.0.1:40012", service=svc, role="worker", probe=False)
+    with b.browse(service=svc) as browser:
+        browser.wait_for(lambda p: ann.name in p, 5)
+        browser.forget(ann.name)  # by instance name works too
+        assert next_event(browser, "removed").reason == "forgotten"
+        browser.wait_for(lambda p: ann.name in p, 6, "the forgotten peer back")
+
+
+def test_browse_several_roles(pair: tuple[Discovery, Discovery], svc: str) -> None:
+    a, b = pair
+    server = a.announce("tcp://127.0.0.1:40013", service=svc, role="server", probe=False)
+    front = a.announce("tcp://127.0.0.1:40014", service=svc, role="queue", probe=False)
+    back = a.announce("tcp://127.0.0.1:40015", service=svc, role="queue-backend", probe=False)
+    with b.browse(service=svc, role=("server", "queue")) as browser:
+        assert browser.roles == ("server", "queue") and browser.role is None
+        peers = browser.wait_for(lambda p: len(p) == 2, 5, "a server and a queue")
+        assert set(peers) == {server.name, front.name}
+        assert "role server or queue" in repr(browser)
+    assert [p.name for p in b.resolve(svc, role="queue-backend")] == [back.name]
+    with pytest.raises(ConfigError, match="at least one role"):
+        b.browse(service=svc, role=())
+    with pytest.raises(ConfigError, match="role 'nope'"):
+        b.browse(service=svc, role=("server", "nope"))
+
+
 _ANNOUNCER = """
 import sys
 from discovery import Discovery
