@@ -273,7 +273,12 @@ def test_forget_drops_until_the_peer_answers_again(
 
 
 def test_forgotten_peer_is_asked_again_soon(pair: tuple[Discovery, Discovery], svc: str) -> None:
-    """With the default 120 s TTL the next refresh is 96 s away: forget asks again at ~2 s."""
+    """A forgotten peer that still answers is back within seconds (120 s TTL).
+
+    Its next SRV refresh is 96 s away; forget() asks again from 2 s on. (A young
+    browser's own PTR queries, 1 s, 2 s, 4 s ... apart, may bring it first; an
+    old browser's come up to an hour apart, which is why forget asks.)
+    """
     a, b = pair
     ann = a.announce("tcp://127.0.0.1:40012", service=svc, role="worker", probe=False)
     with b.browse(service=svc) as browser:
