@@ -245,9 +245,10 @@ class Children:
 class Saboteur:
     """A thread that SIGKILLs whichever child first leaves `MARKS/NAME.busy` (the job script).
 
-    `with Saboteur(...) as s:` runs it while the body makes the request the
-    victim will hold; leaving the block stands it down and joins it;
-    `s.victim` then names the child killed (or raises why none was).
+    Then it creates `MARKS/go`, which lets the job finish on the worker it is
+    re-dispatched to. `with Saboteur(...) as s:` runs it while the body makes
+    the request the victim will hold; leaving the block stands it down and
+    joins it; `s.victim` then names the child killed (or raises why none was).
     """
 
     def __init__(
@@ -272,6 +273,7 @@ class Saboteur:
             busy = wait_for(self._holders, self._timeout, "a worker starting the long job")
             self._children.kill(busy[0])
             self._victim = busy[0]
+            (self._marks / "go").touch()
         except BaseException as exc:
             self._error = exc
 
@@ -458,18 +460,28 @@ def term_context(ctx: zmq.Context[zmq.Socket[bytes]], timeout: float = 5.0) -> N
         print("zmqmesh demo: a socket was left open (a bug); exiting anyway", file=sys.stderr)
 
 
+_JOB_SCRIPT: Final = """\
+# One demo job: the request body on stdin, the reply on stdout.
+# Usage: sh job.sh WORKER-NAME MARK-DIR. A body starting with "long" first
+# leaves MARK-DIR/WORKER-NAME.busy, so the demo knows who holds it, and then
+# works until MARK-DIR/go exists (5 s at most), so it cannot end before the
+# demo has killed that worker.
+name=$1 marks=$2
+body=$(cat)
+case $body in
+  long*)
+    : > "$marks/$name.busy"
+    n=0
+    while [ ! -e "$marks/go" ] && [ $n -lt 250 ]; do sleep 0.02; n=$((n + 1)); done ;;
+esac
+printf '%s -> done by %s' "$body" "$name"
+"""
+
+
 def write_job_script(directory: Path) -> Path:
-    """The command the demo workers run per request (`zmqmesh worker -- sh job.sh NAME`)."""
+    """The command the demo workers run per request (`zmqmesh worker -- sh job.sh NAME DIR`)."""
     path = directory / "job.sh"
-    path.write_text(
-        "# One demo job: the request body on stdin, the reply on stdout.\n"
-        '# Usage: sh job.sh WORKER-NAME MARK-DIR. A body starting with "long" takes\n'
-        "# half a second and first leaves MARK-DIR/WORKER-NAME.busy, so the demo\n"
-        "# can tell which worker holds it.\n"
-        'name=$1 marks=$2\nbody=$(cat)\ncase $body in\n  long*) : > "$marks/$name.busy"; '
-        "sleep 0.5 ;;\nesac\n"
-        'printf \'%s -> done by %s\' "$body" "$name"\n'
-    )
+    path.write_text(_JOB_SCRIPT)
     return path
 
 

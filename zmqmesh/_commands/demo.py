@@ -283,8 +283,8 @@ class _Tour:
         split = ", ".join(f"{n} did {done_by[n]}" for n in names)
         say.saw(f"{REQUESTS} requests answered: {split}")
 
-        say.say("Now a long job (half a second). Whichever worker takes it is SIGKILLed")
-        say.say("while it works, and its command with it (the whole process group).")
+        say.say("Now a long job. Whichever worker takes it is SIGKILLed while it works,")
+        say.say("and its command with it (the whole process group).")
         before = self.relay.stats()["jobs"]
         t0 = time.monotonic()
         with Saboteur(self.children, names, marks, timeout=STEP_TIMEOUT) as saboteur:
