@@ -208,19 +208,19 @@ class _Tour:
         if self.mdns:
             from discovery import Discovery
 
-            disc = Discovery(interfaces=["127.0.0.1"])
-            self.stack.callback(disc.close)
             say.say(f"The relay announced '{self.jobs}' and '{self.ticks}' on 127.0.0.1.")
             say.say("We ask for them by name, as any client or worker on the LAN would:")
             try:
+                disc = Discovery(interfaces=["127.0.0.1"])
+                self.stack.callback(disc.close)
                 t0 = time.monotonic()
                 peers = [
                     *disc.resolve(self.jobs, role=("queue", "queue-backend"), timeout=5),
                     *disc.resolve(self.ticks, role=("forwarder", "subscriber"), timeout=5),
                 ]
                 ms = (time.monotonic() - t0) * 1000
-            except DiscoveryError as exc:
-                self.no_mdns_why = f"mDNS did not answer: {exc}."
+            except (DiscoveryError, OSError) as exc:  # no answer, or no mDNS socket here
+                self.no_mdns_why = f"mDNS did not work here ({exc})."
                 self.mdns = False
             else:
                 say.lines([f"{p.service:<13} {p.role:<14} {p.endpoint}" for p in peers])
@@ -239,7 +239,7 @@ class _Tour:
                 return source, (front, back)
         for line in textwrap.wrap(self.no_mdns_why, 76):
             say.say(line)
-        say.say("Without multicast the same code takes a static peer list instead:")
+        say.say("Without mDNS the same code takes a static peer list instead:")
         say.say("zmqmesh.StaticPeers([...]) has the API of a discovery browser.")
         say.saw(f"static peers: queue {r.queue_frontend}, workers {r.queue_backend}")
         self.worker_flags = ["--connect", r.queue_backend]
