@@ -527,6 +527,8 @@ class AsyncQueue:
         self.frontend_endpoints = self._core.frontend_endpoints
         self.backend_endpoints = self._core.backend_endpoints
         self._task: asyncio.Task[None] | None = None
+        self._drain_by: float | None = None  # set by drain(): stop reading clients
+        self._drained = False
 
     @property
     def sink(self) -> DeadLetterSink:
@@ -549,7 +551,8 @@ class AsyncQueue:
         be, m = core.backend, core.machine
         try:
             while True:
-                poller = both if m.want_frontend else backend_only
+                draining = self._drain_by is not None
+                poller = both if m.want_frontend and not draining else backend_only
                 timeout = core.timeout()
                 events = await poller.poll(timeout * 1000.0 if timeout > 0 else 0)
                 backend_ready = frontend_ready = False
@@ -559,6 +562,11 @@ class AsyncQueue:
                     else:
                         frontend_ready = True
                 core.step(backend_ready, frontend_ready)
+                if self._drain_by is not None and not m.backlog and not m.in_flight():
+                    left = max(0.0, self._drain_by - core.clock.now())
+                    core.frontend.close(linger=int(left * 1000))  # see Queue.run
+                    self._drained = True
+                    return
                 if not events:
                     # A zero-timeout poll returns at once; give other tasks a turn.
                     await asyncio.sleep(0)
@@ -569,6 +577,20 @@ class AsyncQueue:
         """Run the queue as a task on the running loop; returns self."""
         self._task = asyncio.get_running_loop().create_task(self.run(), name="zmqmesh-queue")
         return self
+
+    async def drain(self, grace: float) -> bool:
+        """The asyncio twin of `Queue.drain`: stop reading clients, answer the
+        requests held for up to `grace` s, then stop; True when none was left.
+
+        The loop hears the request at its next wake-up (a message, or the next
+        heartbeat at the latest).
+        """
+        self._drain_by = self._core.clock.now() + grace
+        if self._task is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._task), grace)
+        await self.aclose()
+        return self._drained
 
     async def aclose(self) -> None:
         """Stop serving and close the sockets (linger 0)."""

@@ -192,6 +192,7 @@ class AsyncStreamer:
             close_socket(self._push)
             raise
         self._task: asyncio.Task[None] | None = None
+        self._linger_ms = 0  # drain() lets messages already handed to PUSH leave
 
     async def run(self) -> None:
         pull: zmq.asyncio.Socket = self._pull  # type: ignore[assignment]
@@ -207,12 +208,17 @@ class AsyncStreamer:
                 counters["bytes_in"] = counters.get("bytes_in", 0) + nbytes
                 counters["bytes_out"] = counters.get("bytes_out", 0) + nbytes
         finally:
-            close_socket(self._pull)
-            close_socket(self._push)
+            self._close_sockets()
 
     def start(self) -> AsyncStreamer:
         self._task = asyncio.get_running_loop().create_task(self.run())
         return self
+
+    async def drain(self, grace: float) -> bool:
+        """The asyncio twin of `Streamer.drain`: stop pulling; what moved lingers `grace` s."""
+        self._linger_ms = int(grace * 1000)
+        await self.aclose()
+        return True
 
     async def aclose(self) -> None:
         if self._task is not None:
@@ -220,8 +226,12 @@ class AsyncStreamer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self._close_sockets()
+
+    def _close_sockets(self) -> None:
         close_socket(self._pull)
-        close_socket(self._push)
+        if not self._push.closed:
+            self._push.close(linger=self._linger_ms)
 
     async def __aenter__(self) -> AsyncStreamer:
         return self

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 import zmq
+import zmq.asyncio
 from prometheus_client.parser import text_string_to_metric_families
 
 from patterns.pirate import Worker
@@ -488,3 +489,84 @@ check_gaps = true
     finally:
         close_socket(pub)
         node.close()
+
+
+def test_queue_drain_answers_held_requests_both_twins(ctx: Ctx) -> None:
+    import asyncio
+
+    from patterns.pirate import AsyncQueue, Queue
+
+    def ask(frontend: str, results: list[bytes]) -> threading.Thread:
+        def go() -> None:
+            with Client(connect=frontend, ctx=ctx, timeout=5, retries=0) as c:
+                results.append(c.request(b"held").body)
+
+        t = threading.Thread(target=go)
+        t.start()
+        return t
+
+    slow = threading.Event()
+
+    def handler(message: Message) -> bytes:
+        slow.set()
+        time.sleep(0.3)  # stands for work that is in flight when the drain starts
+        return message.body
+
+    queue = Queue(frontend=TCP, backend=TCP, ctx=ctx, heartbeat=0.2).start()
+    worker = Worker(connect=queue.backend_endpoints[0], handler=handler, ctx=ctx).start()
+    got: list[bytes] = []
+    try:
+        t = ask(queue.frontend_endpoints[0], got)
+        assert slow.wait(10)
+        assert queue.drain(5.0) is True
+        t.join(10)
+        assert got == [b"held"]
+    finally:
+        worker.close()
+        queue.close()
+
+    async def twin() -> None:
+        actx = zmq.asyncio.Context()
+        aq = AsyncQueue(frontend=TCP, backend=TCP, ctx=actx, heartbeat=0.2).start()
+        w = Worker(connect=aq.backend_endpoints[0], handler=handler, ctx=ctx).start()
+        agot: list[bytes] = []
+        try:
+            slow.clear()
+            th = ask(aq.frontend_endpoints[0], agot)
+            while not slow.is_set():
+                await asyncio.sleep(0.01)
+            assert await aq.drain(5.0) is True
+            await asyncio.to_thread(th.join, 10)
+            assert agot == [b"held"]
+        finally:
+            w.close()
+            await aq.aclose()
+            actx.term()
+
+    asyncio.run(twin())
+
+
+def test_streamer_without_pullers_still_stops(ctx: Ctx) -> None:
+    from patterns.streamer import _forward
+    from zmqmesh import Metrics
+
+    pull, feed = make_socket(ctx, zmq.PULL), make_socket(ctx, zmq.PUSH)
+    push = make_socket(ctx, zmq.PUSH)  # bound, and no puller ever connects
+    try:
+        pull.bind("inproc://relay-test-streamer")
+        feed.connect("inproc://relay-test-streamer")
+        push.bind("inproc://relay-test-nobody")
+        feed.send_multipart([b"h", b"nobody pulls this"])
+        assert pull.poll(5000)
+        stop, metrics = threading.Event(), Metrics("s")
+        # The message waits for a puller (back-pressure, no drop) until stop().
+        t = threading.Thread(target=_forward, args=(pull, push, metrics, stop))
+        t.start()
+        t.join(0.3)
+        assert t.is_alive(), "_forward should wait for a puller, not drop"
+        stop.set()
+        t.join(2)
+        assert not t.is_alive() and metrics.counters == {"dropped_on_stop": 1}
+    finally:
+        for sock in (pull, feed, push):
+            close_socket(sock)
