@@ -39,6 +39,7 @@ __all__ = [
     "Relay",
     "Saboteur",
     "SubprocessRelay",
+    "WireTap",
     "drain_to_marker",
     "format_metrics",
     "interrupt_on_sigterm",
@@ -290,6 +291,75 @@ class Saboteur:
         if self._error is not None:
             raise self._error
         return self._victim
+
+
+class WireTap:
+    """A TCP pass-through on 127.0.0.1 that keeps a copy of every byte (a wiretap).
+
+    Connect to `endpoint` instead of `target`: each connection is relayed to
+    the target byte for byte, both ways, so ZeroMQ (and CURVE) neither notice
+    nor care; `seen` holds what went through. One thread, woken by a
+    socketpair on `close()`, owns every socket.
+    """
+
+    def __init__(self, target: str) -> None:
+        host, _, port = target.removeprefix("tcp://").rpartition(":")
+        self._target = (host, int(port))
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.endpoint = f"tcp://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._seen = bytearray()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="zmqmesh-demo-tap", daemon=True)
+        self._thread.start()
+
+    @property
+    def seen(self) -> bytes:
+        with self._lock:
+            return bytes(self._seen)
+
+    def _run(self) -> None:
+        peers: dict[socket.socket, socket.socket] = {}
+        with selectors.DefaultSelector() as sel:
+            sel.register(self._listener, selectors.EVENT_READ)
+            sel.register(self._wake_r, selectors.EVENT_READ)
+            try:
+                while True:
+                    for key, _ in sel.select():
+                        sock = key.fileobj
+                        if sock is self._wake_r:
+                            return
+                        if sock is self._listener:
+                            inside, _ = self._listener.accept()
+                            outside = socket.create_connection(self._target, timeout=5)
+                            peers[inside], peers[outside] = outside, inside
+                            sel.register(inside, selectors.EVENT_READ)
+                            sel.register(outside, selectors.EVENT_READ)
+                            continue
+                        assert isinstance(sock, socket.socket)
+                        try:
+                            data = sock.recv(65536)
+                        except OSError:
+                            data = b""
+                        other = peers.get(sock)
+                        if data and other is not None:
+                            with self._lock:
+                                self._seen += data
+                            other.sendall(data)
+                        elif other is not None:  # one side closed: close both
+                            for s in (sock, other):
+                                sel.unregister(s)
+                                peers.pop(s, None)
+                                s.close()
+            finally:
+                for s in peers:
+                    s.close()
+
+    def close(self) -> None:
+        self._wake_w.send(b"x")
+        self._thread.join()
+        for s in (self._listener, self._wake_r, self._wake_w):
+            s.close()
 
 
 class Relay(Protocol):

@@ -42,6 +42,7 @@ from ._demo_kit import (
     Relay,
     Saboteur,
     SubprocessRelay,
+    WireTap,
     drain_to_marker,
     format_metrics,
     interrupt_on_sigterm,
@@ -406,7 +407,8 @@ class _Tour:
         allow.mkdir()
         shutil.copy(alice.public_file, allow / "alice.key")
         say.say("Key pairs for a server and for alice (what `zmqmesh keygen` writes);")
-        say.say("alice's public key goes into the server's allow-list directory.")
+        say.say("alice's public key goes into the server's allow-list directory. alice")
+        say.say("connects through a tap that copies every byte on the TCP stream.")
         say.saw(f"server public key {server.public_key.decode()} ({server.public_file.name})")
         ctx = self.ctx
         vault = Puller(
@@ -417,8 +419,10 @@ class _Tour:
         )
         self.stack.callback(vault.close)
         self.local.append(vault)
+        tap = WireTap(vault.endpoints[0])
+        self.stack.callback(tap.close)
         sender = Pusher(
-            connect=vault.endpoints[0],
+            connect=tap.endpoint,
             curve=client_curve(alice.secret_file, server.public_file),
             ctx=ctx,
             send_timeout=STEP_TIMEOUT,
@@ -427,10 +431,12 @@ class _Tour:
         self.stack.callback(sender.close)
         sender.send(b"the launch codes")
         msg = vault.recv(timeout=STEP_TIMEOUT)
-        say.saw(
-            f"alice -> vault over CURVE: '{msg.body.decode()}', encrypted on the wire "
-            f"(curve_accepted = {vault.metrics.get('curve_accepted')})"
-        )
+        accepted = vault.metrics.get("curve_accepted")
+        say.saw(f"alice -> vault over CURVE: '{msg.body.decode()}' (curve_accepted = {accepted})")
+        wire = tap.seen
+        if msg.body in wire:
+            raise MeshError("the message crossed the wire in plain text")
+        say.saw(f"the tap copied {len(wire)} bytes: '{msg.body.decode()}' is not among them")
         say.say("Now a client without keys tries the same server:")
         plain = Pusher(connect=vault.endpoints[0], ctx=ctx, send_timeout=0.3, name="plain")
         self.stack.callback(plain.close)
