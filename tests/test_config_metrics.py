@@ -50,6 +50,7 @@ def test_good_config_decodes() -> None:
         (("[node]", "[nod]"), "key 'nod': unknown key"),
         (('name = "jobs"', 'name = "events"'), "key 'queue[0].name': duplicate name 'events'"),
         (("grace = 2.5", "grace = "), "not valid TOML"),
+        (('name = "jobs"', 'name = "control"'), "key 'queue[0].name': 'control' is reserved"),
     ],
 )
 def test_config_errors_name_the_file_and_key(edit: tuple[str, str], message: str) -> None:

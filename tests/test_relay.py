@@ -570,3 +570,13 @@ def test_streamer_without_pullers_still_stops(ctx: Ctx) -> None:
     finally:
         for sock in (pull, feed, push):
             close_socket(sock)
+
+
+def test_sigint_drains_too(tmp_path: pathlib.Path) -> None:
+    relay = RelayProcess(write(tmp_path, CONFIG.format(grace=5)))
+    try:
+        relay.wait_ready()
+        assert relay.terminate(sig=signal.SIGINT) == 0
+        assert relay.final()["jobs"]["messages_in"] == 0
+    finally:
+        relay.kill()

@@ -110,6 +110,8 @@ _ENDPOINT_KEYS: dict[type, tuple[str, ...]] = {
     QueueConfig: ("frontend", "backend"),
     StreamerConfig: ("pull", "push"),
 }
+#: Names the relay uses for its own entries in metrics and `endpoints`.
+_RESERVED = frozenset({"control", "metrics", "node"})
 _PATH_RE = re.compile(r"\$((?:\.[A-Za-z_]\w*|\[\d+\])*)")
 
 
@@ -145,6 +147,11 @@ def parse_config(text: str, source: str = "<config>") -> RelayConfig:
               ("streamer", config.streamer))  # fmt: skip
     for kind, items in groups:
         for i, comp in enumerate(items):
+            if comp.name in _RESERVED:
+                raise ConfigError(
+                    f"{source}: key '{kind}[{i}].name': {comp.name!r} is reserved for the "
+                    f"node's own metrics; pick another name"
+                )
             if comp.name in names:
                 raise ConfigError(f"{source}: key '{kind}[{i}].name': duplicate name {comp.name!r}")
             names.add(comp.name)
