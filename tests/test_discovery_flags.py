@@ -240,3 +240,26 @@ def test_client_forgets_a_server_that_stopped_answering(tools: list[Tool], svc: 
     finally:
         server.proc.send_signal(signal.SIGCONT)
         source.close()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["pull", "--bind", ANY],
+        ["sub", "--bind", ANY],
+        ["reply", "--bind", ANY, "--echo"],
+        ["pub", "--bind", ANY, "--last-value", "--no-wait", "t", "x"],
+    ],
+    ids=["pull", "sub", "reply", "pub"],
+)
+def test_sigterm_sends_goodbyes(tools: list[Tool], svc: str, argv: list[str]) -> None:
+    with Discovery(interfaces=["127.0.0.1"]) as disc:
+        browser = disc.browse(service=svc)
+        tool = Tool(*argv, "--announce", svc, *IFACE)
+        tools.append(tool)
+        browser.wait_for(lambda p: len(p) == 1, 10, "the announcement")
+        browser.drain_events()
+        tool.proc.send_signal(signal.SIGTERM)
+        browser.wait_for(lambda p: not p, 5, "the goodbye")
+        assert [ev.reason for ev in browser.drain_events()] == ["goodbye"]
+        assert tool.wait() == 0

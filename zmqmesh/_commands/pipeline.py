@@ -296,12 +296,13 @@ def run_push(args: argparse.Namespace) -> int:
             delivery=args.delivery,
             spool=args.spool,
         )
-        mesh.announce_server(pusher.endpoints)
         for ep in pusher.endpoints:
             print(f"bound {ep}", file=sys.stderr, flush=True)
         bodies: Iterable[str | bytes] = args.bodies or _stdin_lines()
         waited = args.no_wait
         with _sigterm_stops():
+            # Announced with the SIGTERM handler in place: a stop always says goodbye.
+            mesh.announce_server(pusher.endpoints)
             for body in bodies:
                 if not waited:
                     if not pusher.wait_for_peer(args.wait_timeout):
@@ -344,13 +345,14 @@ def run_pull(args: argparse.Namespace) -> int:
         puller = Puller(**where, ctx=ctx, name="pull", delivery=args.delivery, dedup=args.dedup)
         # An acknowledging puller: a message is done once it is printed.
         ack = getattr(puller, "ack", None)
-        mesh.announce_server(puller.endpoints)
         for ep in puller.endpoints:
             print(f"bound {ep}", file=sys.stderr, flush=True)
         out = sys.stdout.buffer
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         line = _json_line if args.json else _text_line
         with _sigterm_stops():
+            # Announced with the SIGTERM handler in place: a stop always says goodbye.
+            mesh.announce_server(puller.endpoints)
             while args.count is None or received < args.count:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:

@@ -238,13 +238,6 @@ def run_queue(args: argparse.Namespace) -> int:
         spool=args.spool,
     )
     mesh = MeshFlags(args, "queue")
-    try:
-        mesh.announce(queue.frontend_endpoints, role="queue")
-        mesh.announce(queue.backend_endpoints, role="queue-backend")
-    except BaseException:
-        mesh.close()
-        queue.close()
-        raise
     print(f"frontend {' '.join(queue.frontend_endpoints)}", flush=True)
     print(f"backend {' '.join(queue.backend_endpoints)}", flush=True)
     done = threading.Event()
@@ -256,6 +249,9 @@ def run_queue(args: argparse.Namespace) -> int:
         stats.start()
     try:
         with _stop_on_sigterm(queue.stop):
+            # Announced with the SIGTERM handler in place: a stop always says goodbye.
+            mesh.announce(queue.frontend_endpoints, role="queue")
+            mesh.announce(queue.backend_endpoints, role="queue-backend")
             queue.run()
     finally:
         mesh.close()  # goodbyes first: workers and clients stop coming

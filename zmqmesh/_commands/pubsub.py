@@ -228,12 +228,13 @@ def run_pub(args: argparse.Namespace) -> int:
     pub: Publisher | None = None
     try:
         pub = Publisher(**where, last_value=args.last_value, ctx=ctx, name="pub")
-        mesh.announce_server(pub.endpoints)
         for ep in pub.endpoints:
             print(f"bound {ep}", file=sys.stderr, flush=True)
         bodies: Iterable[str | bytes] = args.bodies or _stdin_lines()
         waited = args.no_wait
         with _sigterm_stops():
+            # Announced with the SIGTERM handler in place: a stop always says goodbye.
+            mesh.announce_server(pub.endpoints)
             try:
                 for body in bodies:
                     if not waited:
@@ -282,12 +283,13 @@ def run_sub(args: argparse.Namespace) -> int:
     received = 0
     try:
         sub = Subscriber(**where, topics=args.topic or [""], on_gap=report, ctx=ctx, name="sub")
-        mesh.announce_server(sub.endpoints)
         for ep in sub.endpoints:
             print(f"bound {ep}", file=sys.stderr, flush=True)
         out = sys.stdout.buffer
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         with _sigterm_stops():
+            # Announced with the SIGTERM handler in place: a stop always says goodbye.
+            mesh.announce_server(sub.endpoints)
             while args.count is None or received < args.count:
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:

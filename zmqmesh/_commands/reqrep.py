@@ -323,9 +323,10 @@ def run_reply(args: argparse.Namespace) -> int:
         mesh.close()
         raise
     try:
-        mesh.announce(server.endpoints)
-        # The handler first: a SIGTERM sent on reading 'bound' must stop cleanly.
+        # The handler first: a SIGTERM sent on reading 'bound' (or on seeing the
+        # announcement) must stop cleanly, with goodbyes.
         with _stop_on_sigterm(server.stop):
+            mesh.announce(server.endpoints)
             for ep in server.endpoints:
                 print(f"bound {ep}", flush=True)
             server.serve_forever()
