@@ -68,6 +68,8 @@ def check_tour(done: subprocess.CompletedProcess[str], took: float) -> str:
     victim = re.search(r"worker (w\d) \(pid \d+\) was SIGKILLed", out)
     finisher = re.search(r"'long job -> done by (w\d)'", out)
     assert victim and finisher and victim.group(1) != finisher.group(1), out
+    # The other worker stopped cleanly on SIGTERM.
+    assert re.search(rf"{finisher.group(1)} exited with status 0", out), out
     # A gap means messages missed, and the subscriber knows how many.
     missed = re.search(r"([\d,]+) messages missed", out)
     assert missed and int(missed.group(1).replace(",", "")) > 0, out

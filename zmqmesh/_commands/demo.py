@@ -108,12 +108,21 @@ def run(args: argparse.Namespace) -> int:
             say.title(f"\nClosing down  [{say.elapsed:.1f} s]")
             say.say("Workers get SIGTERM; the relay drains, sends mDNS goodbyes and exits;")
             say.say("every socket closes with linger 0.")
-        say.saw(f"relay exit status {tour.relay.exit_status}")
+        exits = ", ".join(f"{name} {_exit_text(code)}" for name, code in tour.exits.items())
+        say.saw(f"{exits}; relay exit status {tour.relay.exit_status}")
     finally:
         term_context(ctx)
         shutil.rmtree(tmp, ignore_errors=True)
     say.saw(f"done in {say.elapsed:.1f} s; nothing left running.")
     return 0
+
+
+def _exit_text(code: int | None) -> str:
+    if code == -9:
+        return "had been SIGKILLed"
+    if code is None:
+        return "did not stop within 3 s of SIGTERM and was SIGKILLed"
+    return f"exited with status {code}"
 
 
 class _Tour:
@@ -142,6 +151,7 @@ class _Tour:
         self.no_mdns_why = ""  # why the peers get a static list, for the narration
         self.worker_flags: list[str] = []  # how the worker processes find the queue
         self.relay: Relay
+        self.exits: dict[str, int | None] = {}  # worker name -> exit status (None: killed)
         self.local: list[Any] = []  # this process's components, for the metrics table
 
     def run(self) -> None:
@@ -263,6 +273,9 @@ class _Tour:
             argv += ["--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS), "--name", name]
             argv += ["--", "sh", str(job), name, str(marks)]
             pids[name] = self.children.spawn(name, argv)
+        # Stopped before the relay (the exit stack unwinds last-in first-out), so
+        # they leave while their queue is still there.
+        self.stack.callback(self._stop_workers, names)
         say.say("Two workers start as processes of their own (zmqmesh worker -- sh job.sh),")
         if self.mdns:
             say.say(f"find the queue's backend by name (--service {self.jobs}) and say READY.")
@@ -308,6 +321,10 @@ class _Tour:
         say.saw(f"request finished on another worker: '{reply}' ({took:.1f} s, no retry needed)")
         if finisher == victim:
             raise MeshError(f"the long job came back from {victim}, which was killed")
+
+    def _stop_workers(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            self.exits[name] = self.children.stop(name, grace=3.0)
 
     def _workers_idle(self, names: tuple[str, ...]) -> Callable[[], bool]:
         def idle() -> bool:
