@@ -324,8 +324,9 @@ class Discovery:
 class ServiceSource(Browser):
     """An `EndpointSource` following the peers of a service by mDNS (blocking).
 
-    `ServiceSource("orders", role="worker")` browses with its own `Discovery`
-    (closed with the source) unless `discovery=` shares one.
+    `ServiceSource("orders", role="queue-backend")` browses with its own
+    `Discovery` (closed with the source) unless `discovery=` shares one;
+    `role=("server", "queue")` follows peers with any of those roles.
     """
 
     def __init__(
