@@ -2,10 +2,11 @@
 
 `demo.py` tells the story; this module owns everything that must be started
 and, above all, stopped again: child processes (killed by process group, so a
-worker's command dies with it), the relay node (a subprocess, or a thread of
-this process while `zmqmesh relay` does not exist), and the probes the tour
-needs (does multicast work on loopback?). Nothing here sleeps to synchronise:
-every wait is a condition polled against a deadline.
+worker's command dies with it), the relay node (`zmqmesh relay` as a
+subprocess, or its `RelayNode` in this process), the worker-killing thread,
+a TCP tap, and the probes the tour needs (does multicast work on loopback?).
+Nothing here sleeps to synchronise: every wait is a condition polled
+against a deadline.
 """
 
 from __future__ import annotations
@@ -167,9 +168,6 @@ class Children:
         self._procs[name] = proc
         return proc.pid
 
-    def proc(self, name: str) -> subprocess.Popen[bytes]:
-        return self._procs[name]
-
     def log_tail(self, name: str, lines: int = 5) -> str:
         try:
             text = (self._logdir / f"{name}.log").read_text(errors="replace")
@@ -217,8 +215,9 @@ class Children:
     def kill(self, name: str) -> None:
         """SIGKILL the process group of `name` and reap it."""
         proc = self._procs[name]
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # once reaped, its pid (and group id) may be another's
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
 
     def stop(self, name: str, grace: float) -> int | None:
@@ -331,7 +330,11 @@ class WireTap:
                             return
                         if sock is self._listener:
                             inside, _ = self._listener.accept()
-                            outside = socket.create_connection(self._target, timeout=5)
+                            try:
+                                outside = socket.create_connection(self._target, timeout=5)
+                            except OSError:  # the target is gone: the client sees a close
+                                inside.close()
+                                continue
                             peers[inside], peers[outside] = outside, inside
                             sel.register(inside, selectors.EVENT_READ)
                             sel.register(outside, selectors.EVENT_READ)
