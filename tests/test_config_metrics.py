@@ -125,3 +125,27 @@ def test_observe_age_samples_envelopes_and_skips_other_frames() -> None:
     assert hist.count == 2 and hist.sum >= 0.002
     assert hist.counts[0] == 1  # a header from a clock ahead of ours counts as age 0
     assert m.counters == {}  # skipped frames are not errors
+
+
+def test_relay_help_lists_every_config_key() -> None:
+    from zmqmesh._commands.relay import _EPILOG
+    from zmqmesh._config import (
+        ForwarderConfig,
+        NodeConfig,
+        QueueConfig,
+        SecurityConfig,
+        StreamerConfig,
+    )
+
+    tables = {"[node]": NodeConfig, "[security]": SecurityConfig,
+              "[[forwarder]]": ForwarderConfig, "[[queue]]": QueueConfig,
+              "[[streamer]]": StreamerConfig}  # fmt: skip
+    listed: dict[str, list[str]] = {}
+    current = ""
+    for line in _EPILOG.split("exit codes:")[0].splitlines()[1:]:
+        head, _, rest = line.strip().partition(" ")
+        if head in tables:
+            current, line = head, rest
+        listed.setdefault(current, []).extend(k.strip() for k in line.split(",") if k.strip())
+    for table, struct in tables.items():
+        assert listed[table] == list(struct.__struct_fields__), table

@@ -33,6 +33,14 @@ from ._relay_node import RelayNode, check_supported
 __all__ = ["register", "run_relay"]
 
 _EPILOG = """\
+config keys (TOML; relative paths are relative to the config file):
+  [node]        name, metrics_port, metrics_host, control, grace, interfaces
+  [security]    secret_key, allow
+  [[forwarder]] name, frontend, backend, announce, check_gaps
+  [[queue]]     name, frontend, backend, heartbeat, liveness, max_attempts,
+                spool, announce
+  [[streamer]]  name, pull, push, announce
+
 exit codes:
   0    checked (--check), or drained and stopped after SIGINT/SIGTERM
   1    a run-time failure (an endpoint could not be bound: in use, no such address)
