@@ -184,15 +184,19 @@ class AsyncStreamer:
         self.metrics = Metrics(name)
         self._pull = make_socket(self._ctx, zmq.PULL, rcvhwm=hwm, curve=curve)  # type: ignore[arg-type]
         self._push = make_socket(self._ctx, zmq.PUSH, sndhwm=hwm, curve=curve)  # type: ignore[arg-type]
+        self._guards: list[ZapGuard] = []  # CURVE allow-lists (RFC 27), set before bind
+        self._linger_ms = 0  # drain() lets messages already handed to PUSH leave
         try:
+            for sock in (self._pull, self._push):
+                guard = guard_server(sock, curve, metrics=self.metrics, name=f"streamer {name}")
+                if guard is not None:
+                    self._guards.append(guard)
             self.pull_endpoints = [bind(self._pull, ep) for ep in _as_list(pull)]
             self.push_endpoints = [bind(self._push, ep) for ep in _as_list(push)]
         except BaseException:
-            close_socket(self._pull)
-            close_socket(self._push)
+            self._close_sockets()
             raise
         self._task: asyncio.Task[None] | None = None
-        self._linger_ms = 0  # drain() lets messages already handed to PUSH leave
 
     async def run(self) -> None:
         pull: zmq.asyncio.Socket = self._pull  # type: ignore[assignment]
@@ -207,6 +211,8 @@ class AsyncStreamer:
                 nbytes = sum(map(len, frames))
                 counters["bytes_in"] = counters.get("bytes_in", 0) + nbytes
                 counters["bytes_out"] = counters.get("bytes_out", 0) + nbytes
+                if not counters["messages_in"] & 63:  # a latency sample per 64 messages
+                    observe_age(self.metrics, frames[0].bytes)
         finally:
             self._close_sockets()
 
@@ -232,6 +238,9 @@ class AsyncStreamer:
         close_socket(self._pull)
         if not self._push.closed:
             self._push.close(linger=self._linger_ms)
+        guards, self._guards = self._guards, []
+        for guard in guards:
+            guard.close()
 
     async def __aenter__(self) -> AsyncStreamer:
         return self
