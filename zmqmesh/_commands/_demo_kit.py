@@ -30,7 +30,7 @@ from .._config import RelayConfig
 from .._errors import MeshError, Timeout
 
 if TYPE_CHECKING:
-    from discovery import Peer
+    from discovery import Discovery, Peer
     from patterns.pubsub import Publisher, Subscriber
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "SubprocessRelay",
     "WireTap",
     "drain_to_marker",
+    "find_by_name",
     "format_metrics",
     "interrupt_on_sigterm",
     "loopback_multicast_works",
@@ -486,6 +487,25 @@ def relay_config(
         f'[[queue]]\nname = "jobs"\nfrontend = {any_port}\nbackend = {any_port}\n'
         f"heartbeat = {heartbeat}\nliveness = {liveness}\nmax_attempts = 3\n{announce_jobs}"
     )
+
+
+def find_by_name(
+    disc: Discovery, service: str, roles: Sequence[str], *, timeout: float
+) -> list[Peer]:
+    """The peers of `service`, once one of each of `roles` is in the browser's table.
+
+    Unlike `resolve`, which listens a little longer after the first answer
+    (responders may answer late), this returns the moment all are known;
+    `DiscoveryError` after `timeout` s.
+    """
+    wanted = set(roles)
+    with disc.browse(service=service, role=tuple(roles)) as browser:
+        found = browser.wait_for(
+            lambda peers: {p.role for p in peers.values()} >= wanted,
+            timeout,
+            f"one each of {', '.join(roles)} for {service}",
+        ).values()
+    return sorted(found, key=lambda p: p.role)
 
 
 def pick_endpoint(peers: Sequence[Peer], role: str, socket_type: str) -> str:

@@ -44,6 +44,7 @@ from ._demo_kit import (
     SubprocessRelay,
     WireTap,
     drain_to_marker,
+    find_by_name,
     format_metrics,
     interrupt_on_sigterm,
     loopback_multicast_works,
@@ -227,8 +228,8 @@ class _Tour:
                 self.stack.callback(disc.close)
                 t0 = time.monotonic()
                 peers = [
-                    *disc.resolve(self.jobs, role=("queue", "queue-backend"), timeout=5),
-                    *disc.resolve(self.ticks, role=("forwarder", "subscriber"), timeout=5),
+                    *find_by_name(disc, self.jobs, ("queue", "queue-backend"), timeout=5),
+                    *find_by_name(disc, self.ticks, ("forwarder", "subscriber"), timeout=5),
                 ]
                 ms = (time.monotonic() - t0) * 1000
             except (DiscoveryError, OSError) as exc:  # no answer, or no mDNS socket here
