@@ -33,6 +33,7 @@ KEY_LINES = (
     "late joiner got the last value of each topic at once:\n"
     "   -> prices.eurusd = 1.0845, prices.gbpusd = 1.2650",
     "sequence gap(s)",
+    "'the launch codes' (curve_accepted = 1)",
     "the tap copied",
     "'the launch codes' is not among them",
     "plain-text client refused in the handshake",

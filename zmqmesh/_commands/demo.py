@@ -450,7 +450,10 @@ class _Tour:
         self.stack.callback(sender.close)
         sender.send(b"the launch codes")
         msg = vault.recv(timeout=STEP_TIMEOUT)
-        accepted = vault.metrics.get("curve_accepted")
+        # Counted from the socket monitor's handshake event, which may come after the message.
+        accepted = wait_for(
+            lambda: vault.metrics.get("curve_accepted"), STEP_TIMEOUT, "the handshake counted"
+        )
         say.saw(f"alice -> vault over CURVE: '{msg.body.decode()}' (curve_accepted = {accepted})")
         wire = tap.seen
         if msg.body in wire:
