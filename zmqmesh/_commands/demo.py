@@ -28,12 +28,13 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Final
+from typing import Final, Protocol
 
 import zmq
 
 from .._config import RelayConfig, load_config
 from .._errors import DiscoveryError, MeshError, SendError
+from .._metrics import Metrics
 from .._sources import EndpointSource, StaticPeers
 from ._demo_kit import (
     Children,
@@ -119,6 +120,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Measured(Protocol):
+    """Anything with the `.metrics` every pattern keeps."""
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+
 def _exit_text(code: int | None) -> str:
     if code == -9:
         return "had been SIGKILLed"
@@ -154,7 +162,7 @@ class _Tour:
         self.worker_flags: list[str] = []  # how the worker processes find the queue
         self.relay: Relay
         self.exits: dict[str, int | None] = {}  # worker name -> exit status (None: killed)
-        self.local: list[Any] = []  # this process's components, for the metrics table
+        self.local: list[_Measured] = []  # this process's components, for the metrics table
 
     def run(self) -> None:
         self.step_relay()
