@@ -29,6 +29,7 @@ from zmqmesh import (
     Backoff,
     Clock,
     ClosedError,
+    ConfigError,
     CurveOptions,
     EndpointSource,
     LocalProtocolError,
@@ -38,6 +39,7 @@ from zmqmesh import (
     connect,
     encode_body,
     make_socket,
+    validate_key,
 )
 
 from ._proto.pirate_worker import Close, Open, Send, WorkerMachine, WorkItem
@@ -114,6 +116,8 @@ class _WorkerCore:
             "max_message_size": max_message_size,
             "curve": curve,
         }
+        self._curve_client = curve is not None and not curve.server
+        self.keys: dict[str, bytes] = {}  # endpoint -> the CURVE key its queue announced
         self.sock: zmq.Socket[bytes] | None = None  # the socket the driver waits on
         self.plain: zmq.Socket[bytes] | None = None  # a plain view of it for NOBLOCK work
         self._logged_errors: set[str] = set()
@@ -126,6 +130,11 @@ class _WorkerCore:
                 self.close_socket()
                 sock = make_socket(self.ctx, zmq.DEALER, identity=action.identity, **self._opts)
                 try:
+                    key = self.keys.get(action.endpoint)
+                    if key is not None and self._curve_client:
+                        # The queue announced its own CURVE key (a source's
+                        # PeerEvent, trusted by the source): use it for this one.
+                        sock.curve_serverkey = key
                     connect(sock, action.endpoint)
                 except BaseException:
                     close_socket(sock)
@@ -156,10 +165,19 @@ class _WorkerCore:
         m = self.machine
         for event in self.source.drain():
             now = self.clock.now()
+            if event.kind == "removed":
+                self.keys.pop(event.endpoint, None)
+                self.apply(m.remove_endpoint(event.endpoint, now))
+                continue
+            if event.public_key:
+                try:
+                    self.keys[event.endpoint] = validate_key(event.public_key)
+                except ConfigError as exc:
+                    # A garbled announcement must not end the loop: skip that peer.
+                    log.warning("worker %s: not connecting to %s: %s", m.name, event.endpoint, exc)
+                    continue
             if event.kind == "added":
                 self.apply(m.add_endpoint(event.endpoint, now))
-            elif event.kind == "removed":
-                self.apply(m.remove_endpoint(event.endpoint, now))
 
     def receive_batch(self) -> list[WorkItem]:
         """Feed waiting messages to the machine; the requests among them, in order."""

@@ -25,6 +25,7 @@ from zmqmesh import (
     DEFAULT_MAX_MESSAGE_SIZE,
     Clock,
     ClosedError,
+    ConfigError,
     CurveOptions,
     EndpointSource,
     LocalProtocolError,
@@ -38,6 +39,7 @@ from zmqmesh import (
     encode_body,
     make_socket,
     parse_endpoint,
+    validate_key,
 )
 
 from ._proto.reqrep import Action, ClientMachine, Close, Failed, Open, Outcome, Send
@@ -114,6 +116,8 @@ class _ClientCore:
             "max_message_size": max_message_size,
             "curve": curve,
         }
+        self._curve_client = curve is not None and not curve.server
+        self.keys: dict[str, bytes] = {}  # endpoint -> the CURVE key its server announced
         self.sock: zmq.Socket[bytes] | None = None
         self.plain: zmq.Socket[bytes] | None = None  # a plain view, for NOBLOCK work
         self.rcvtimeo = -1  # the socket's ZMQ_RCVTIMEO (ms), set only when it changes
@@ -124,6 +128,11 @@ class _ClientCore:
         # the old one may hold an unanswered request that must not go out later).
         sock = make_socket(self.ctx, zmq.DEALER, **self._opts)
         try:
+            key = self.keys.get(endpoint)
+            if key is not None and self._curve_client:
+                # The server announced its own CURVE key (a source's PeerEvent;
+                # whether to trust it is the source's call): use it for this one.
+                sock.curve_serverkey = key
             connect(sock, endpoint)
         except BaseException:
             close_socket(sock)
@@ -156,10 +165,19 @@ class _ClientCore:
         actions: list[Action] = []
         for event in self.source.drain():
             now = self.clock.now()
+            if event.kind == "removed":
+                self.keys.pop(event.endpoint, None)
+                actions.extend(m.remove_endpoint(event.endpoint, now))
+                continue
+            if event.public_key:
+                try:
+                    self.keys[event.endpoint] = validate_key(event.public_key)
+                except ConfigError as exc:
+                    # A garbled announcement must not end the loop: skip that peer.
+                    log.warning("client %s: not connecting to %s: %s", m.name, event.endpoint, exc)
+                    continue
             if event.kind == "added":
                 actions.extend(m.add_endpoint(event.endpoint, now))
-            elif event.kind == "removed":
-                actions.extend(m.remove_endpoint(event.endpoint, now))
         return actions
 
     def tick(self, now: float) -> list[Action | Failed]:

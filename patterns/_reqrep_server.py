@@ -30,10 +30,12 @@ from zmqmesh import (
     LocalProtocolError,
     Message,
     Metrics,
+    ZapGuard,
     bind,
     close_socket,
     connect,
     encode_body,
+    guard_server,
     make_socket,
 )
 
@@ -103,6 +105,14 @@ class _ServerCore:
             max_message_size=max_message_size,
             curve=curve,
         )
+        # A CURVE allow-list is enforced by ZAP (RFC 27): guarded before bind, so
+        # no client slips in first; refusals are logged and counted in metrics.
+        self.guard: ZapGuard | None = None
+        try:
+            self.guard = guard_server(self.sock, curve, metrics=self.metrics, name=f"server {name}")
+        except BaseException:
+            close_socket(self.sock)
+            raise
         # Sends and non-blocking receives go through a plain view of the socket:
         # for an asyncio socket this skips a Future per message.
         self.plain: zmq.Socket[bytes] = zmq.Socket.shadow(self.sock.underlying)
@@ -114,7 +124,7 @@ class _ServerCore:
             for ep in connect_to:
                 self.connected.append(connect(self.sock, ep))
         except BaseException:
-            close_socket(self.sock)
+            self.close(0)
             raise
         self._logged: set[str] = set()
 
@@ -189,6 +199,9 @@ class _ServerCore:
     def close(self, linger: float) -> None:
         if not self.sock.closed:
             self.sock.close(linger=max(0, int(linger * 1000)))
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            guard.close()
 
 
 class Server:
