@@ -5,6 +5,12 @@ and `server_curve_from_args(args)`; a tool that connects calls
 `add_curve_arguments(p, client=True)` and `client_curve_from_args(args)`;
 a tool that does both passes both flags. `--trust DIR` is for connections by
 `--service NAME`: announced server keys not in DIR are ignored.
+
+Who takes what: `pub`, `sub`, `push`, `pull` take all four (which ones apply
+depends on --bind or --connect); `reply` and `queue` bind, so they take
+--secret-key and --allow (a queue uses its one key pair on both ROUTERs and
+its --allow DIR admits clients and workers alike); `req` and `worker`
+connect, so they take --secret-key, --server-key and --trust.
 """
 
 from __future__ import annotations
@@ -24,9 +30,17 @@ __all__ = [
 
 
 def add_curve_arguments(
-    parser: argparse.ArgumentParser, *, server: bool = False, client: bool = False
+    parser: argparse.ArgumentParser,
+    *,
+    server: bool = False,
+    client: bool = False,
+    peers: str = "clients",
+    binds: str = "the sockets it binds",
 ) -> None:
-    """Add --secret-key, and --allow (server) / --server-key and --trust (client)."""
+    """Add --secret-key, and --allow (server) / --server-key and --trust (client).
+
+    `peers` and `binds` word the help: who --allow admits, which sockets it covers.
+    """
     group = parser.add_argument_group(
         "CURVE security", "encrypt and authenticate (make keys with 'zmqmesh keygen NAME')"
     )
@@ -34,13 +48,13 @@ def add_curve_arguments(
         "--secret-key",
         metavar="FILE",
         help="this side's NAME.key_secret; turns CURVE on"
-        + (" for the sockets it binds" if server and not client else ""),
+        + (f" for {binds}" if server and not client else ""),
     )
     if server:
         group.add_argument(
             "--allow",
             metavar="DIR",
-            help="admit only clients whose NAME.key is in DIR (needs --secret-key)",
+            help=f"admit only {peers} whose NAME.key is in DIR (needs --secret-key)",
         )
     if client:
         group.add_argument(
@@ -78,6 +92,13 @@ def client_curve_from_args(
     """
     key = getattr(args, "server_key", None) or server_key
     secret = getattr(args, "secret_key", None)
+    if getattr(args, "trust", None) and not getattr(args, "service", None):
+        # Without --service there is no announced key for DIR to vet: refuse
+        # rather than connect in plain text.
+        raise ConfigError(
+            "--trust DIR vets the keys announced with --service NAME; with --connect "
+            "give the server's key with --server-key"
+        )
     if key is None:
         if secret is not None and not hasattr(args, "allow"):
             raise ConfigError(

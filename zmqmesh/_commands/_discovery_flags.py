@@ -228,6 +228,15 @@ class MeshFlags:
         # pattern does it when it connects); this placeholder is never used.
         return client_curve(getattr(args, "secret_key", None), KeyPair.generate().public)
 
+    def connect_curve(self) -> CurveOptions | None:
+        """The CURVE options of a connecting tool: by --service, or for --connect."""
+        return self.client_curve() if self.following else client_curve_from_args(self._args)
+
+    def server_public_key(self) -> bytes | None:
+        """The public key a binding tool announces (None: it runs in plain text)."""
+        curve = server_curve_from_args(self._args) if self.announce_as else None
+        return curve.public_key if curve is not None else None
+
     def source(self, what: str | None = None) -> EndpointSource:
         """The endpoint source following `--service`, filtered by the CURVE flags."""
         if self._source is not None:
@@ -270,8 +279,7 @@ class MeshFlags:
 
     def announce_server(self, endpoints: Sequence[str]) -> list[str]:
         """Announce a binding tool's endpoints with its server CURVE key, if any."""
-        curve = server_curve_from_args(self._args) if self.announce_as else None
-        return self.announce(endpoints, public_key=curve.public_key if curve else None)
+        return self.announce(endpoints, public_key=self.server_public_key())
 
     def close(self) -> None:
         """Withdraw the announcements (mDNS goodbyes), stop browsing, close the sockets."""

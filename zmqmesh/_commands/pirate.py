@@ -5,6 +5,12 @@
     zmqmesh worker --connect tcp://localhost:5556 -- tr a-z A-Z
     zmqmesh req --connect tcp://localhost:5555 hello
 
+CURVE: `queue --secret-key queue.key_secret [--allow DIR]` encrypts both the
+frontend and the backend with one key pair; DIR holds the NAME.key files of
+the clients and the workers it admits. `worker --server-key queue.key
+--secret-key worker.key_secret` (or `--service NAME`, the key taken from the
+announcement, `--trust DIR` to vet it) connects with it.
+
 The queue prints the endpoints it bound (useful with `tcp://127.0.0.1:*`) on
 stdout, serves until SIGINT/SIGTERM, and then prints its counters and dead
 letters on stderr. A command worker runs CMD once per request with the body
@@ -28,6 +34,7 @@ from .._envelope import Message
 from .._errors import ConfigError
 from .._metrics import Metrics
 from .._sockets import parse_endpoint
+from ._curve import add_curve_arguments, server_curve_from_args
 from ._discovery_flags import (
     MeshFlags,
     add_announce_argument,
@@ -114,6 +121,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="S",
         help="print the counters and gauges as one JSON line on stderr every S seconds",
     )
+    # One key pair for both ROUTERs; --allow DIR admits clients and workers alike.
+    add_curve_arguments(
+        q, server=True, peers="clients and workers", binds="both frontend and backend"
+    )
     q.set_defaults(func=run_queue)
 
     w = sub.add_parser(
@@ -155,6 +166,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="-- CMD ARGS",
         help="command to run per request (after --)",
     )
+    add_curve_arguments(w, client=True)
     w.set_defaults(func=run_worker)
 
 
@@ -225,6 +237,7 @@ def run_queue(args: argparse.Namespace) -> int:
 
     for ep in [*args.frontend, *args.backend]:
         parse_endpoint(ep)
+    curve = server_curve_from_args(args)
     queue = Queue(
         frontend=args.frontend,
         backend=args.backend,
@@ -236,6 +249,7 @@ def run_queue(args: argparse.Namespace) -> int:
         max_backlog=args.max_backlog,
         name=args.name,
         spool=args.spool,
+        curve=curve,
     )
     mesh = MeshFlags(args, "queue")
     print(f"frontend {' '.join(queue.frontend_endpoints)}", flush=True)
@@ -250,8 +264,9 @@ def run_queue(args: argparse.Namespace) -> int:
     try:
         with _stop_on_sigterm(queue.stop):
             # Announced with the SIGTERM handler in place: a stop always says goodbye.
-            mesh.announce(queue.frontend_endpoints, role="queue")
-            mesh.announce(queue.backend_endpoints, role="queue-backend")
+            key = curve.public_key if curve is not None else None
+            mesh.announce(queue.frontend_endpoints, role="queue", public_key=key)
+            mesh.announce(queue.backend_endpoints, role="queue-backend", public_key=key)
             queue.run()
     finally:
         mesh.close()  # goodbyes first: workers and clients stop coming
@@ -324,6 +339,7 @@ def run_worker(args: argparse.Namespace) -> int:
             heartbeat=args.heartbeat,
             liveness=args.liveness,
             backoff=Backoff(args.reconnect, args.reconnect_max),
+            curve=mesh.connect_curve(),
             name=args.name,
         )
     except BaseException:

@@ -5,6 +5,13 @@
     zmqmesh req --connect tcp://127.0.0.1:5555 hello world
     seq 3 | zmqmesh req --connect tcp://127.0.0.1:5555 --timeout 1 --retries 2
 
+CURVE: `reply --secret-key server.key_secret [--allow DIR]` encrypts and,
+with DIR, admits only the clients whose NAME.key is there (others are
+refused, logged and counted; the server keeps serving); `req --server-key
+server.key [--secret-key alice.key_secret]` connects with it, and by
+`--service NAME` takes the key from the server's announcement (`--trust DIR`:
+only announced keys found in DIR).
+
 `req` sends each BODY argument (or, with none, each line of stdin) as one
 request and prints each reply body on its own line; the first request that
 gets no reply ends it with exit status 1 and a one-line error on stderr. It
@@ -33,8 +40,9 @@ from types import FrameType
 from typing import Any
 
 from .._envelope import Message
-from .._errors import ConfigError
+from .._errors import ConfigError, RequestTimeout
 from .._sockets import parse_endpoint
+from ._curve import add_curve_arguments, server_curve_from_args
 from ._discovery_flags import (
     MeshFlags,
     add_announce_argument,
@@ -92,6 +100,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     q.add_argument("--json", action="store_true", help="print each reply as a JSON object")
     q.add_argument("bodies", nargs="*", metavar="BODY", help="request bodies (default: stdin)")
+    add_curve_arguments(q, client=True)
     q.set_defaults(func=run_req)
 
     r = sub.add_parser(
@@ -124,6 +133,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="exit after answering N requests (default: serve until SIGINT/SIGTERM)",
     )
     r.add_argument("--name", default="reply", help="name in logs and metrics")
+    add_curve_arguments(r, server=True)
     r.add_argument(
         "cmd", nargs=argparse.REMAINDER, metavar="-- CMD ARGS", help="command per request"
     )
@@ -219,6 +229,7 @@ def run_req(args: argparse.Namespace) -> int:
     headers = _headers(args.header)
     out = sys.stdout.buffer
     mesh = MeshFlags(args, "req")
+    curve = mesh.connect_curve()
     with (
         contextlib.closing(mesh),
         Client(
@@ -226,11 +237,21 @@ def run_req(args: argparse.Namespace) -> int:
             source=mesh.source() if mesh.following else None,
             timeout=args.timeout,
             retries=args.retries,
+            curve=curve,
             name="req",
         ) as client,
     ):
         for body in _bodies(args):
-            reply = client.request(body, headers=headers or None, priority=args.priority)
+            try:
+                reply = client.request(body, headers=headers or None, priority=args.priority)
+            except RequestTimeout as exc:
+                if curve is not None:
+                    raise
+                # A CURVE server drops a plain-text client in its handshake, unseen.
+                raise RequestTimeout(
+                    f"{exc} (if the server runs CURVE, give --server-key, and --secret-key "
+                    "when it keeps an allow-list)"
+                ) from exc
             if args.json:
                 out.write(_as_json(reply).encode() + b"\n")
             else:
@@ -317,6 +338,7 @@ def run_reply(args: argparse.Namespace) -> int:
             bind=args.bind,
             connect=args.connect,
             source=mesh.source() if mesh.following else None,
+            curve=server_curve_from_args(args),
             name=args.name,
         )
     except BaseException:
@@ -326,7 +348,7 @@ def run_reply(args: argparse.Namespace) -> int:
         # The handler first: a SIGTERM sent on reading 'bound' (or on seeing the
         # announcement) must stop cleanly, with goodbyes.
         with _stop_on_sigterm(server.stop):
-            mesh.announce(server.endpoints)
+            mesh.announce_server(server.endpoints)  # with its CURVE key, if any
             for ep in server.endpoints:
                 print(f"bound {ep}", flush=True)
             server.serve_forever()
