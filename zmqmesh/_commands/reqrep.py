@@ -40,7 +40,7 @@ from types import FrameType
 from typing import Any
 
 from .._envelope import Message
-from .._errors import ConfigError, RequestTimeout
+from .._errors import ConfigError
 from .._sockets import parse_endpoint
 from ._curve import add_curve_arguments, server_curve_from_args
 from ._discovery_flags import (
@@ -242,16 +242,9 @@ def run_req(args: argparse.Namespace) -> int:
         ) as client,
     ):
         for body in _bodies(args):
-            try:
-                reply = client.request(body, headers=headers or None, priority=args.priority)
-            except RequestTimeout as exc:
-                if curve is not None:
-                    raise
-                # A CURVE server drops a plain-text client in its handshake, unseen.
-                raise RequestTimeout(
-                    f"{exc} (if the server runs CURVE, give --server-key, and --secret-key "
-                    "when it keeps an allow-list)"
-                ) from exc
+            # A CURVE server drops a plain-text or unknown client in the handshake,
+            # which the client never hears of: that is a RequestTimeout (exit 1).
+            reply = client.request(body, headers=headers or None, priority=args.priority)
             if args.json:
                 out.write(_as_json(reply).encode() + b"\n")
             else:
