@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Final
 
 import zmq
@@ -193,7 +193,31 @@ class AsyncAckedPusher(AsyncPusher):
         self.metrics.counters["stored"] += 1
         self._check_open()
         if self._window.stored(seq, mid, frames, self._now()):
-            acked.transmit(frames, True)
+            acked.transmit(mid, frames, True)
+
+    async def send_many(
+        self, bodies: Iterable[Any], *, headers: dict[str, str] | None = None
+    ) -> int:
+        """Store several messages in one commit; see `AckedPusher.send_many`."""
+        self._check_open()
+        acked = self._acked if self._acked is not None else (await self.open())._acked
+        assert acked is not None and self._spool is not None
+        core = self._core
+        batch: list[list[bytes]] = []
+        mids: list[bytes] = []
+        for body in bodies:
+            batch.append(core.message([], body, headers, 0, None))
+            mids.append(message_id(core.machine.sender, core.machine.seq))
+        if not batch:
+            return 0
+        seqs = await self._spool.append_many(batch, message_ids=mids)
+        self.metrics.counters["stored"] += len(seqs)
+        self._check_open()
+        now = self._now()
+        for seq, mid, frames in zip(seqs, mids, batch, strict=True):
+            if self._window.stored(seq, mid, frames, now):
+                acked.transmit(mid, frames, True)
+        return len(seqs)
 
     async def _serve(self) -> None:
         """Read acks as they come, re-send when due: the pusher's own timer."""
@@ -423,13 +447,16 @@ class AsyncAckedPuller(AsyncPuller):
                 await self.dedup.remember_many(marks)
         send_acks(self._plain, self._ledger, self.metrics)
 
-    async def aclose(self) -> None:
-        """Record and acknowledge what is done, close the socket and the de-dup spool."""
+    async def aclose(self, linger: float = 1.0) -> None:
+        """Record and acknowledge what is done, close the socket and the de-dup spool.
+
+        The last acks get up to `linger` seconds to leave (see `AckedPuller.close`).
+        """
         if self._link.closed:
             return
         try:
             await self._flush_acks()
         finally:
-            self._link.close()
+            self._link.close(linger)
             if self.dedup is not None and self._owns_dedup:
                 await self.dedup.aclose()

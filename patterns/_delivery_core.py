@@ -204,7 +204,7 @@ class AckedSendCore:
         self.monitor: zmq.Socket[Any] | None = zmq.Socket.shadow(mon.underlying)
         self._owner = sock
 
-    def transmit(self, frames: list[bytes], first: bool) -> None:
+    def transmit(self, mid: bytes, frames: list[bytes], first: bool) -> None:
         """Send without waiting; a message ZeroMQ cannot take now waits for its re-send."""
         try:
             sent = send_nowait(self.sock, frames)
@@ -215,7 +215,7 @@ class AckedSendCore:
             # No puller connected (or all full): re-sent on the next connection,
             # or after its ack timeout, whichever comes first.
             c["send_deferred"] += 1
-            self.window.disconnected()
+            self.window.deferred(mid)
         elif first:
             c["messages_out"] += 1
             c["bytes_out"] += sum(map(len, frames[1:]))
@@ -248,12 +248,12 @@ class AckedSendCore:
                 else:
                     w.disconnected()
         if w.inflight and w.next_deadline() <= now:
-            for frames in w.due(now):
-                self.transmit(frames, False)
+            for mid, frames in w.due(now):
+                self.transmit(mid, frames, False)
         while (want := w.want_fetch()) is not None:
             rows = fetch_rows(self.spool, *want)
-            for frames in w.fetched(rows, now):
-                self.transmit(frames, True)
+            for mid, frames in w.fetched(rows, now):
+                self.transmit(mid, frames, True)
             if not rows:
                 break
 

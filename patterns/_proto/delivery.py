@@ -192,9 +192,9 @@ class SendWindow:
 
     def fetched(
         self, rows: Sequence[tuple[int, bytes, list[bytes]]], now: float
-    ) -> list[list[bytes]]:
-        """Rows `(seq, message id, frames)` read for `want_fetch`: the frames to send."""
-        out: list[list[bytes]] = []
+    ) -> list[tuple[bytes, list[bytes]]]:
+        """Rows `(seq, message id, frames)` read for `want_fetch`: (id, frames) to send."""
+        out: list[tuple[bytes, list[bytes]]] = []
         deadline = now + self.ack_timeout
         for seq, mid, frames in rows:
             self.backlog_from = seq + 1
@@ -204,7 +204,7 @@ class SendWindow:
                 continue
             self.backlog -= 1
             self.inflight[mid] = _InFlight(seq, frames, deadline)
-            out.append(frames)
+            out.append((mid, frames))
         if not rows or self.backlog <= 0:
             # Fewer rows than counted (a tool dead-lettered or purged some): what
             # the spool no longer holds is not a backlog.
@@ -224,19 +224,23 @@ class SendWindow:
         self._c["acked"] += len(seqs)
         return seqs
 
-    def due(self, now: float) -> list[list[bytes]]:
-        """Frames of the in-flight messages whose ack is overdue: send them again."""
-        out: list[list[bytes]] = []
-        for entry in self.inflight.values():
+    def due(self, now: float) -> list[tuple[bytes, list[bytes]]]:
+        """(id, frames) of the in-flight messages whose ack is overdue: send them again."""
+        out: list[tuple[bytes, list[bytes]]] = []
+        for mid, entry in self.inflight.items():
             if entry.deadline <= now:
                 # Back off per attempt (1x, 2x, 4x ... max_backoff x ack_timeout) so a
                 # slow puller is not buried under copies of what it is working on.
                 factor = min(1 << min(entry.attempts, 30), self.max_backoff)
                 entry.attempts += 1
                 entry.deadline = now + self.ack_timeout * factor
-                out.append(entry.frames)
+                out.append((mid, entry.frames))
         self._c["resent"] += len(out)
         return out
+
+    def deferred(self, message_id: bytes) -> None:
+        """ZeroMQ could not take this message (no connection yet): send it on the next one."""
+        self._suspect.add(message_id)
 
     def disconnected(self) -> None:
         """A connection went down: what is in flight now may have died in its pipe."""
