@@ -482,7 +482,11 @@ class Queue:
 
 
 class AsyncQueue:
-    """The asyncio twin of `Queue`: `await run()`, or `start()` as a task; `aclose()`."""
+    """The asyncio twin of `Queue`: `await run()`, or `start()` as a task; `aclose()`.
+
+    With `spool=`, the commit of a wake-up's requests (one group commit, about
+    0.2 ms with fsync="batch") runs on the loop, as every step of this driver does.
+    """
 
     def __init__(
         self,

@@ -488,3 +488,35 @@ def test_cli_bad_delivery_combinations_exit_2(tmp_path: Path) -> None:
     assert r.returncode == 2 and b"needs --spool PATH" in r.stderr
     r = zmqmesh("pull", "--bind", "tcp://127.0.0.1:*", "--delivery", "effectively-once")
     assert r.returncode == 2 and b"needs --dedup PATH" in r.stderr
+
+
+def test_send_many_stores_in_one_commit_and_delivers_all(ctx: Any, tmp_path: Path) -> None:
+    puller = Puller(bind=ANY, ctx=ctx, delivery="at-least-once")
+    with puller, Pusher(connect=puller.endpoints, ctx=ctx, spool=tmp_path / "o.spool") as pusher:
+        assert pusher.send_many([b"b%d" % i for i in range(500)]) == 500
+        assert pusher.send_many([]) == 0
+        msgs = collect(pusher, puller, 500)
+        puller.ack(msgs[-1])
+        puller.flush()
+        assert pusher.drain(5)
+    assert sorted(m.body for m in msgs) == sorted(b"b%d" % i for i in range(500))
+
+
+async def test_async_send_many_and_window_backlog(tmp_path: Path) -> None:
+    actx = zmq.asyncio.Context()
+    try:
+        puller = AsyncPuller(bind=ANY, ctx=actx, delivery="at-least-once")
+        pusher = AsyncPusher(connect=puller.endpoints, ctx=actx, spool=tmp_path / "o.spool",
+                             window=10)  # fmt: skip
+        async with puller, pusher:
+            assert await pusher.send_many([b"c%d" % i for i in range(100)]) == 100
+            got = []
+            for _ in range(100):
+                msg = await puller.recv(timeout=10)
+                got.append(msg.body)
+                await puller.ack(msg)
+            await puller.flush()
+            await async_wait_until(lambda: pusher.unacked == 0, timeout=10)
+        assert got == [b"c%d" % i for i in range(100)]  # the backlog goes in spool order
+    finally:
+        actx.term()

@@ -349,3 +349,30 @@ def test_queue_killed_mid_stream_every_request_answered(ctx: Any, tmp_path: Path
     # between its reply and the commit deleting its row (one group commit).
     print(f"\ndurable queue: 400 requests, 2 SIGKILLs, {restored} restored, {reruns} re-run(s)")
     assert reruns <= 2 * 3 + 40
+
+
+async def test_async_queue_with_spool(tmp_path: Path) -> None:
+    import zmq.asyncio
+
+    from patterns.pirate import AsyncQueue, AsyncWorker
+    from patterns.reqrep import AsyncClient
+
+    actx = zmq.asyncio.Context()
+    try:
+        queue = AsyncQueue(frontend=ANY, backend=ANY, ctx=actx, spool=tmp_path / "q.spool",
+                           heartbeat=HB)  # fmt: skip
+        async with queue:
+            queue.start()
+            worker = AsyncWorker(connect=queue.backend_endpoints[0], handler=upper, ctx=actx,
+                                 heartbeat=HB)  # fmt: skip
+            async with worker:
+                worker.start()
+                async with AsyncClient(connect=queue.frontend_endpoints[0], ctx=actx,
+                                       timeout=5, retries=0) as client:  # fmt: skip
+                    for i in range(20):
+                        assert (await client.request(b"a%d" % i)).body == b"A%d" % i
+            assert queue.metrics.counters["stored"] == 20
+    finally:
+        actx.term()
+    with Spool(tmp_path / "q.spool") as spool:
+        assert spool.stats().pending == 0
