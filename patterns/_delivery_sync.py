@@ -24,6 +24,7 @@ from zmqmesh import (
     CurveOptions,
     EndpointSource,
     Message,
+    SpoolFull,
     Timeout,
     message_id,
 )
@@ -160,7 +161,7 @@ class AckedPusher(Pusher):
         frames = core.message([], body, headers, priority, None)
         mid = message_id(core.machine.sender, core.machine.seq)
         self._service()  # acks first: they make room in the spool and the window
-        seq = self.spool.append(frames, message_id=mid)
+        (seq,) = self._store([frames], [mid])
         self.metrics.counters["stored"] += 1
         if self._window.stored(seq, mid, frames, self._now()):
             self._transmit(mid, frames, True)
@@ -180,7 +181,7 @@ class AckedPusher(Pusher):
         if not batch:
             return 0
         self._service()
-        seqs = self.spool.append_many(batch, message_ids=mids)
+        seqs = self._store(batch, mids)
         self.metrics.counters["stored"] += len(seqs)
         now = self._now()
         stored = self._window.stored
@@ -188,6 +189,33 @@ class AckedPusher(Pusher):
             if stored(seq, mid, frames, now):
                 self._transmit(mid, frames, True)
         return len(seqs)
+
+    def _store(self, batch: list[list[bytes]], mids: list[bytes]) -> list[int]:
+        """Append in one commit; while the spool is full, read the acks that make room.
+
+        This pusher has no thread reading acks, so a bounded spool with
+        `when_full="block"` would otherwise wait for room that only this
+        thread can make: it waits in short slices and reads acks between them,
+        up to the spool's `full_timeout`.
+        """
+        spool = self.spool
+        engine = spool._e
+        if engine.when_full != "block":
+            return spool.append_many(batch, message_ids=mids)
+        limit = engine.full_timeout
+        deadline = time.monotonic() + limit
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return spool.append_many(batch, message_ids=mids, timeout=min(0.05, left))
+            except SpoolFull as exc:
+                if left <= 0.05:
+                    raise SpoolFull(
+                        f"{self._what}: spool {spool.path} still full after {limit:g} s: "
+                        "no puller acknowledged enough messages to make room; start a "
+                        "puller, or raise the spool's max_count / max_bytes"
+                    ) from exc
+            self._service()
 
     def _transmit(self, mid: bytes, frames: list[bytes], first: bool) -> None:
         self._acked.transmit(mid, frames, first)

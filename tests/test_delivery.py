@@ -11,6 +11,7 @@ import contextlib
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ from patterns.pipeline import (
     Puller,
     Pusher,
 )
-from zmqmesh import LocalProtocolError, Timeout
+from zmqmesh import LocalProtocolError, SpoolFull, Timeout
 from zmqmesh._spool import Spool
 from zmqmesh.testing import ManualClock, async_wait_until, wait_until
 
@@ -520,3 +521,41 @@ async def test_async_send_many_and_window_backlog(tmp_path: Path) -> None:
         assert got == [b"c%d" % i for i in range(100)]  # the backlog goes in spool order
     finally:
         actx.term()
+
+
+def test_bounded_spool_blocks_only_until_acks_make_room(ctx: Any, tmp_path: Path) -> None:
+    """A full spool waits for acks (read by the blocking pusher while it waits)."""
+    spool = Spool(tmp_path / "o.spool", max_count=5, full_timeout=5.0)
+    puller = Puller(bind=ANY, ctx=ctx, delivery="at-least-once", ack_batch=1)
+    got: list[bytes] = []
+    stop = threading.Event()
+
+    def consume() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(Timeout):
+                msg = puller.recv(timeout=0.05)
+                got.append(msg.body)
+                puller.ack(msg)
+                puller.flush()
+
+    reader = threading.Thread(target=consume)
+    try:
+        with Pusher(connect=puller.endpoints, ctx=ctx, spool=spool) as pusher:
+            reader.start()
+            for i in range(30):  # six times the bound
+                pusher.send(b"m%d" % i)
+            assert pusher.drain(5)
+    finally:
+        stop.set()
+        if reader.is_alive():
+            reader.join()
+        puller.close()
+        spool.close()
+    assert sorted(got) == sorted(b"m%d" % i for i in range(30))
+    # With no puller at all, the bound holds: a clear SpoolFull after full_timeout.
+    small = Spool(tmp_path / "p.spool", max_count=2, full_timeout=0.2)
+    with small, Pusher(bind=ANY, ctx=ctx, spool=small) as pusher:
+        pusher.send(b"1")
+        pusher.send(b"2")
+        with pytest.raises(SpoolFull, match=r"still full after 0\.2 s"):
+            pusher.send(b"3")
