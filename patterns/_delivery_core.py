@@ -70,7 +70,10 @@ def open_spool(spool: SpoolArg, what: str) -> tuple[Spool, bool]:
     if isinstance(spool, Spool):
         return spool, False
     if isinstance(spool, _SpoolBase):
-        raise LocalProtocolError(f"{what}: an AsyncSpool belongs to an asyncio end; pass a Spool")
+        raise LocalProtocolError(
+            f"{what}: takes a spool path or an open Spool, not an AsyncSpool (this end "
+            "commits from its own thread)"
+        )
     if spool is None:
         raise LocalProtocolError(f"{what}: needs a spool path")
     return Spool(spool, name=what), True

@@ -186,10 +186,16 @@ class _QueueCore:
             spool.ack(acks)
         if d.spool_dead:
             dead, d.spool_dead = d.spool_dead, []
+            also = None if isinstance(self.sink, SpoolDeadLetters) else self.sink
             for seq, letter in dead:
                 spool.dead_letter(
                     seq, letter.reason, letter.attempts, queue=letter.queue, wait=False
                 )
+                if also is not None:  # a sink of the caller's own hears of it too
+                    try:
+                        also.add(letter)
+                    except Exception:
+                        log.exception("queue %s: the dead-letter sink refused a letter", d.name)
 
     def drain_backend(self, now: float) -> None:
         recv = self.be.recv_multipart
