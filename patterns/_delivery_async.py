@@ -231,14 +231,22 @@ class AsyncAckedPusher(AsyncPusher):
         if mon is not None:
             poller.register(mon, zmq.POLLIN)
         w = self._window
-        while not link.closed:
-            if link.source is not None:
-                link.tick()
-            acked.service(self._now())
-            wait = SOURCE_POLL
-            if w.inflight:
-                wait = min(wait, max(0.0, w.next_deadline() - self._now()))
-            await poller.poll(wait_ms(wait))
+        try:
+            while not link.closed:
+                if link.source is not None:
+                    link.tick()
+                acked.service(self._now())
+                wait = SOURCE_POLL
+                if w.inflight:
+                    wait = min(wait, max(0.0, w.next_deadline() - self._now()))
+                await poller.poll(wait_ms(wait))
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # send() and poll() run the same steps and raise the same error to
+            # the caller; the task only says why acks stopped being read.
+            if not link.closed:
+                log.exception("%s: the ack service task stopped", self._what)
 
     async def poll(self) -> float | None:
         """Handle acks and re-sends now; seconds until the next re-send is due (None: idle)."""
