@@ -20,8 +20,9 @@ import time
 from pathlib import Path
 
 PULLER = r"""
-import sys, time
+import select, sys, time
 from patterns.pipeline import Puller
+from zmqmesh import Timeout
 endpoint, delivery, dedup, count = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 kw = {}
 if delivery != "at-most-once":
@@ -43,6 +44,13 @@ while len(seen) < count:  # at-least-once may repeat one: count message ids
 if ack is not None:
     puller.flush()
 print(f"{(count - 1) / (time.perf_counter() - first):.0f}", flush=True)
+# Serve on until the pusher is drained (it closes our stdin): acks still on
+# the way when a peer closes can be lost, and the pusher would wait for them.
+while not select.select([sys.stdin], [], [], 0)[0]:
+    try:
+        puller.recv(timeout=0.05)
+    except Timeout:
+        pass
 puller.close()
 """
 
@@ -57,6 +65,7 @@ def bench_pipeline(
     proc = subprocess.Popen(
         [sys.executable, "-c", PULLER, endpoint, delivery, str(tmp / f"{delivery}.dedup"),
          str(count)],
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )  # fmt: skip
@@ -84,6 +93,8 @@ def bench_pipeline(
             drain(60)
         total = time.perf_counter() - t0
         rate = proc.stdout.readline().strip()
+        assert proc.stdin is not None
+        proc.stdin.close()
         pusher.close(linger=5)
         if spool is not None:
             spool.close()
