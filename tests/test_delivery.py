@@ -40,7 +40,7 @@ from patterns.pipeline import (
     Puller,
     Pusher,
 )
-from zmqmesh import LocalProtocolError, SpoolFull, Timeout
+from zmqmesh import LocalProtocolError, SpoolFull, StaticPeers, Timeout
 from zmqmesh._spool import Spool
 from zmqmesh.testing import ManualClock, async_wait_until, wait_until
 
@@ -559,3 +559,21 @@ def test_bounded_spool_blocks_only_until_acks_make_room(ctx: Any, tmp_path: Path
         pusher.send(b"2")
         with pytest.raises(SpoolFull, match=r"still full after 0\.2 s"):
             pusher.send(b"3")
+
+
+def test_acked_pusher_follows_an_endpoint_source(ctx: Any, tmp_path: Path) -> None:
+    """A source's peers come and go; what the first puller left unacked goes to the next."""
+    first = Puller(bind=ANY, ctx=ctx, delivery="at-least-once", ack_batch=1)
+    second = Puller(bind=ANY, ctx=ctx, delivery="at-least-once", ack_batch=1)
+    peers = StaticPeers(first.endpoints)
+    try:
+        with Pusher(source=peers, ctx=ctx, spool=tmp_path / "o.spool", ack_timeout=0.3) as p:
+            p.send(b"to the first")
+            assert [m.body for m in collect(p, first, 1)] == [b"to the first"]
+            peers.remove(first.endpoints[0])
+            peers.add(second.endpoints[0])
+            first.close()  # never acknowledged: the pusher re-sends it to the second
+            assert [m.body for m in collect(p, second, 1)] == [b"to the first"]
+    finally:
+        first.close()
+        second.close()
