@@ -376,3 +376,27 @@ async def test_async_queue_with_spool(tmp_path: Path) -> None:
         actx.term()
     with Spool(tmp_path / "q.spool") as spool:
         assert spool.stats().pending == 0
+
+
+def test_replayed_dead_letters_are_dispatched_by_the_next_queue(ctx: Any, tmp_path: Path) -> None:
+    """`zmqmesh spool replay` (here `Spool.replay`) puts a dead request back in the queue."""
+    path = tmp_path / "q.spool"
+    with Queue(
+        frontend=ANY, backend=ANY, ctx=ctx, spool=path, heartbeat=HB, request_ttl=0.2
+    ).start() as queue:
+        client = Client(connect=queue.frontend_endpoints[0], ctx=ctx, timeout=5, retries=0)
+        with client, pytest.raises(RemoteError):
+            client.request(b"second chance")
+    with Spool(path) as spool:
+        assert spool.replay() == 1
+    handler = Counting()
+    with Queue(frontend=ANY, backend=ANY, ctx=ctx, spool=path, heartbeat=HB).start() as queue:
+        assert queue.metrics.counters["restored"] == 1
+        worker = Worker(connect=queue.backend_endpoints[0], handler=handler, ctx=ctx,
+                        heartbeat=HB)  # fmt: skip
+        with worker.start():
+            wait_until(lambda: handler.runs.get(b"second chance") == 1, what="replayed run")
+            # Its client is long gone: the reply waits, parked, for a retry.
+            wait_until(lambda: queue.metrics.counters["replies_parked"] == 1)
+    with Spool(path) as spool:
+        assert spool.stats().pending == 0 and spool.stats().dead == 0
