@@ -256,3 +256,26 @@ def test_import_zmqmesh_does_not_import_cli() -> None:
 
     code = "import sys, zmqmesh; assert 'zmqmesh.cli' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_trusted_peers_passes_only_trusted_announced_keys(tmp_path, caplog) -> None:
+    from zmqmesh import KeyPair, StaticPeers, TrustedPeers, TrustStore, write_certificate
+
+    good = write_certificate(tmp_path, "good").public_key
+    rogue = KeyPair.generate().public
+    inner = StaticPeers()
+    source = TrustedPeers(inner, trust=TrustStore(tmp_path), name="test client")
+    inner.add("tcp://10.0.0.1:1", public_key=good.decode())
+    inner.add("tcp://10.0.0.2:1", public_key=rogue.decode())
+    inner.add("tcp://10.0.0.3:1")  # no key: this side runs with CURVE
+    with caplog.at_level("WARNING", logger="zmqmesh.sources"):
+        events = source.drain()
+    assert [(e.kind, e.endpoint) for e in events] == [("added", "tcp://10.0.0.1:1")]
+    assert "not connecting to tcp://10.0.0.2:1" in caplog.text and "is not in" in caplog.text
+    assert "tcp://10.0.0.3:1: it announces no CURVE key" in caplog.text
+    # Removal of a peer that was never passed on is not passed on either.
+    inner.remove("tcp://10.0.0.2:1")
+    inner.remove("tcp://10.0.0.1:1")
+    assert [(e.kind, e.endpoint) for e in source.drain()] == [("removed", "tcp://10.0.0.1:1")]
+    plain = TrustedPeers(StaticPeers(["tcp://10.0.0.4:1"]), curve=False)
+    assert [e.endpoint for e in plain.drain()] == ["tcp://10.0.0.4:1"]

@@ -67,7 +67,7 @@ from ._sockets import (
     parse_endpoint,
     random_tcp_endpoint,
 )
-from ._sources import EndpointSource, PeerEvent, StaticPeers
+from ._sources import EndpointSource, PeerEvent, StaticPeers, TrustedPeers
 from ._spool import DeadRecord, Spool, SpoolDeadLetters, SpoolEntry, SpoolStats
 from ._spool_async import AsyncSpool
 from ._zap import ZapGuard
@@ -143,6 +143,7 @@ __all__ = [
     "Metrics",
     "PeerEvent",
     "StaticPeers",
+    "TrustedPeers",
     "observe_age",
     # durable spool
     "AsyncSpool",

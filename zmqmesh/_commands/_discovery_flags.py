@@ -40,18 +40,16 @@ bound endpoints, and `close()` it in the tool's `finally`.
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
 from .._errors import ConfigError
-from .._sources import EndpointSource, PeerEvent
+from .._sources import EndpointSource, PeerEvent, TrustedPeers
 from ._curve import client_curve_from_args, server_curve_from_args, trust_store_from_args
 
 if TYPE_CHECKING:
     from discovery import Discovery
 
-    from .._security import TrustStore
     from .._sockets import CurveOptions
 
 __all__ = [
@@ -61,8 +59,6 @@ __all__ = [
     "add_announce_argument",
     "add_service_argument",
 ]
-
-log = logging.getLogger("zmqmesh.cli")
 
 #: The roles a tool connects to when given `--service NAME`.
 ROLES_FOLLOWED: Final[dict[str, tuple[str, ...]]] = {
@@ -120,67 +116,14 @@ def add_interface_argument(parser: argparse.ArgumentParser | Any) -> None:
     )
 
 
-class _Filtered:
-    """An `EndpointSource` passing on only the peers a tool may connect to.
+class _Filtered(TrustedPeers):
+    """`TrustedPeers` whose reasons say which flag would change them."""
 
-    Runs in the pattern's loop (`drain()`), like the source it wraps; `forget`
-    goes through to the browser so heartbeat-dead peers leave its table.
-    """
-
-    def __init__(
-        self, inner: Any, trust: TrustStore | None, curve: bool, what: str, extra_keys: set[str]
-    ) -> None:
-        self._inner = inner
-        self._trust = trust
-        self._curve = curve
-        self._what = what
-        self._extra = extra_keys
-        self._passed: set[str] = set()
-        self._warned: set[tuple[str, str]] = set()
-
-    def _accept(self, event: PeerEvent) -> str:
-        """ "" when the peer may be used, else why not."""
-        key = event.public_key
-        if not self._curve:
-            if key:
-                return (
-                    "it announces a CURVE key; give --trust DIR (or --secret-key) to connect "
-                    "with CURVE"
-                )
-            return ""
-        if not key:
-            return "it announces no CURVE key and this tool runs with CURVE"
-        if self._trust is None and not self._extra:
-            return ""
-        if key in self._extra or (self._trust is not None and self._trust.is_trusted(key)):
-            return ""
-        where = f"in {self._trust}" if self._trust is not None else "given by --server-key"
-        return f"its announced CURVE key {key[:8]}... is not {where}"
-
-    def drain(self) -> list[PeerEvent]:
-        out: list[PeerEvent] = []
-        for event in self._inner.drain():
-            ep = event.endpoint
-            if event.kind == "removed":
-                if ep in self._passed:
-                    self._passed.discard(ep)
-                    out.append(event)
-                continue
-            why = self._accept(event)
-            if not why:
-                self._passed.add(ep)
-                out.append(event)
-                continue
-            if (ep, why) not in self._warned:
-                self._warned.add((ep, why))
-                log.warning("%s: not connecting to %s: %s", self._what, ep, why)
-            if ep in self._passed:  # an update that made it untrusted
-                self._passed.discard(ep)
-                out.append(PeerEvent("removed", ep, event.node_id, event.public_key))
-        return out
-
-    def forget(self, endpoint: str) -> None:
-        self._inner.forget(endpoint)
+    def why_not(self, event: PeerEvent) -> str:
+        why = super().why_not(event)
+        if why.endswith("runs in plain text"):
+            return why + "; give --trust DIR (or --secret-key) to connect with CURVE"
+        return why
 
 
 class MeshFlags:
@@ -255,7 +198,9 @@ class MeshFlags:
         from discovery import ServiceSource
 
         inner = ServiceSource(self.service, ROLES_FOLLOWED[self.tool], discovery=self._disc())
-        self._source = _Filtered(inner, trust, curve, what or f"zmqmesh {self.tool}", extra)
+        self._source = _Filtered(
+            inner, trust=trust, keys=extra, curve=curve, name=what or f"zmqmesh {self.tool}"
+        )
         return self._source
 
     def announce(
