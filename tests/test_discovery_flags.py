@@ -260,6 +260,9 @@ def test_sigterm_sends_goodbyes(tools: list[Tool], svc: str, argv: list[str]) ->
         browser.wait_for(lambda p: len(p) == 1, 10, "the announcement")
         browser.drain_events()
         tool.proc.send_signal(signal.SIGTERM)
-        browser.wait_for(lambda p: not p, 5, "the goodbye")
+        try:
+            browser.wait_for(lambda p: not p, 5, "the goodbye")
+        except Exception as exc:
+            raise AssertionError(f"{exc}; exit {tool.wait()}; stderr: {tool.err}") from None
         assert [ev.reason for ev in browser.drain_events()] == ["goodbye"]
         assert tool.wait() == 0

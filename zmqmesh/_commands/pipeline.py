@@ -27,13 +27,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
-import signal
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from types import FrameType
+from collections.abc import Iterable
 from typing import Any
 
 from .._envelope import Message
@@ -46,6 +43,7 @@ from ._discovery_flags import (
     add_interface_argument,
     add_service_argument,
 )
+from ._signals import Stop, sigterm_stops, wait_slice
 
 __all__ = ["register"]
 
@@ -245,27 +243,6 @@ def _headers(pairs: list[str]) -> dict[str, str] | None:
     return headers or None
 
 
-class _Stop(Exception):
-    """SIGTERM: leave the loop and exit 0."""
-
-
-@contextlib.contextmanager
-def _sigterm_stops() -> Iterator[None]:
-    # The handler raises, so that a receive blocked inside libzmq returns too.
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise _Stop
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _stdin_lines() -> Iterable[bytes]:
     for line in sys.stdin.buffer:
         yield line[:-1] if line.endswith(b"\n") else line
@@ -300,7 +277,7 @@ def run_push(args: argparse.Namespace) -> int:
             print(f"bound {ep}", file=sys.stderr, flush=True)
         bodies: Iterable[str | bytes] = args.bodies or _stdin_lines()
         waited = args.no_wait
-        with _sigterm_stops():
+        with sigterm_stops():
             # Announced with the SIGTERM handler in place: a stop always says goodbye.
             mesh.announce_server(pusher.endpoints)
             for body in bodies:
@@ -310,7 +287,7 @@ def run_push(args: argparse.Namespace) -> int:
                     waited = True
                 pusher.send(body, headers=headers, priority=args.priority, ttl=args.ttl)
             pusher.flush()
-    except _Stop:
+    except Stop:
         return 0
     except MeshError:
         linger = 0.0  # nothing more is worth waiting for
@@ -350,7 +327,7 @@ def run_pull(args: argparse.Namespace) -> int:
         out = sys.stdout.buffer
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
         line = _json_line if args.json else _text_line
-        with _sigterm_stops():
+        with sigterm_stops():
             # Announced with the SIGTERM handler in place: a stop always says goodbye.
             mesh.announce_server(puller.endpoints)
             while args.count is None or received < args.count:
@@ -358,15 +335,15 @@ def run_pull(args: argparse.Namespace) -> int:
                 if left is not None and left <= 0:
                     break
                 try:
-                    msg = puller.recv(timeout=left)
+                    msg = puller.recv(timeout=wait_slice(left))  # a tick at most: see _signals
                 except Timeout:
-                    break
+                    continue  # the deadline, if any, is checked above
                 out.write(line(msg))
                 out.flush()
                 if ack is not None:
                     ack(msg)
                 received += 1
-    except _Stop:
+    except Stop:
         return 0
     finally:
         mesh.close()

@@ -24,14 +24,11 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import json
-import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from types import FrameType
+from collections.abc import Iterable
 from typing import Any
 
 from .._envelope import Message
@@ -44,6 +41,7 @@ from ._discovery_flags import (
     add_interface_argument,
     add_service_argument,
 )
+from ._signals import Stop, sigterm_stops, wait_slice
 
 __all__ = ["register"]
 
@@ -189,27 +187,6 @@ def _headers(pairs: list[str]) -> dict[str, str] | None:
     return headers or None
 
 
-class _Stop(Exception):
-    """SIGTERM: leave the loop and exit 0."""
-
-
-@contextlib.contextmanager
-def _sigterm_stops() -> Iterator[None]:
-    # The handler raises, so that a receive blocked inside libzmq returns too.
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise _Stop
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _stdin_lines() -> Iterable[bytes]:
     for line in sys.stdin.buffer:
         yield line[:-1] if line.endswith(b"\n") else line
@@ -232,7 +209,7 @@ def run_pub(args: argparse.Namespace) -> int:
             print(f"bound {ep}", file=sys.stderr, flush=True)
         bodies: Iterable[str | bytes] = args.bodies or _stdin_lines()
         waited = args.no_wait
-        with _sigterm_stops():
+        with sigterm_stops():
             # Announced with the SIGTERM handler in place: a stop always says goodbye.
             mesh.announce_server(pub.endpoints)
             try:
@@ -243,10 +220,10 @@ def run_pub(args: argparse.Namespace) -> int:
                     pub.publish(topic, body, headers=headers)
                 if args.last_value:
                     _serve_until_stopped()
-            except (_Stop, KeyboardInterrupt):
+            except (Stop, KeyboardInterrupt):
                 if not args.last_value:
                     raise
-    except _Stop:
+    except Stop:
         return 0
     finally:
         mesh.close()  # goodbyes first
@@ -287,7 +264,7 @@ def run_sub(args: argparse.Namespace) -> int:
             print(f"bound {ep}", file=sys.stderr, flush=True)
         out = sys.stdout.buffer
         deadline = None if args.timeout is None else time.monotonic() + args.timeout
-        with _sigterm_stops():
+        with sigterm_stops():
             # Announced with the SIGTERM handler in place: a stop always says goodbye.
             mesh.announce_server(sub.endpoints)
             while args.count is None or received < args.count:
@@ -295,13 +272,13 @@ def run_sub(args: argparse.Namespace) -> int:
                 if left is not None and left <= 0:
                     break
                 try:
-                    msg = sub.recv(timeout=left)
+                    msg = sub.recv(timeout=wait_slice(left))  # a tick at most: see _signals
                 except Timeout:
-                    break
+                    continue  # the deadline, if any, is checked above
                 out.write(_json_line(msg) if args.json else _text_line(msg))
                 out.flush()
                 received += 1
-    except _Stop:
+    except Stop:
         return 0
     finally:
         mesh.close()

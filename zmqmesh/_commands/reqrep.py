@@ -35,6 +35,7 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -340,11 +341,15 @@ def run_reply(args: argparse.Namespace) -> int:
     try:
         # The handler first: a SIGTERM sent on reading 'bound' (or on seeing the
         # announcement) must stop cleanly, with goodbyes.
-        with _stop_on_sigterm(server.stop):
+        # The loop checks `stopping` every 0.1 s, so the handler runs within
+        # that even when the signal lands just before a blocking receive
+        # (Python runs handlers only between bytecodes: see _signals).
+        stopping = threading.Event()
+        with _stop_on_sigterm(stopping.set):
             mesh.announce_server(server.endpoints)  # with its CURVE key, if any
             for ep in server.endpoints:
                 print(f"bound {ep}", flush=True)
-            server.serve_forever()
+            server.run(stopping)
     finally:
         mesh.close()  # goodbyes first: clients stop choosing this server
         # Linger a moment so the last reply leaves before the socket closes.
