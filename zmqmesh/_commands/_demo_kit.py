@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Final, Protocol, TypeVar
 
@@ -28,6 +28,7 @@ import zmq
 
 from .._config import RelayConfig
 from .._errors import MeshError, Timeout
+from ._signals import on_sigterm
 
 if TYPE_CHECKING:
     from discovery import Discovery, Peer
@@ -591,19 +592,10 @@ def format_metrics(
     return format_table(shown).splitlines()
 
 
-@contextlib.contextmanager
-def interrupt_on_sigterm() -> Iterator[None]:
+def _interrupt() -> None:
+    raise KeyboardInterrupt
+
+
+def interrupt_on_sigterm() -> contextlib.AbstractContextManager[None]:
     """SIGTERM unwinds like Ctrl-C, so every child and socket is still cleaned up."""
-
-    def handler(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return on_sigterm(_interrupt)

@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Final
 
-__all__ = ["TICK", "Stop", "sigterm_stops", "wait_slice"]
+__all__ = ["TICK", "Stop", "on_sigterm", "sigterm_stops", "wait_slice"]
 
 #: The longest a tool's main thread waits in one blocking call, in seconds.
 TICK: Final = 0.25
@@ -27,12 +27,20 @@ class Stop(BaseException):
     """SIGTERM: leave the loop, clean up, exit 0."""
 
 
+def _raise_stop() -> None:
+    raise Stop
+
+
 @contextlib.contextmanager
-def sigterm_stops() -> Iterator[None]:
-    """Within the block, SIGTERM raises `Stop` in the main thread (elsewhere: no change)."""
+def on_sigterm(action: Callable[[], None] = _raise_stop) -> Iterator[None]:
+    """Within the block, SIGTERM calls `action` in the main thread (elsewhere: no change).
+
+    The default raises `Stop`; a tool whose loop has a signal-safe `stop()`
+    passes that instead, so the loop finishes the message in hand.
+    """
 
     def handler(signum: int, frame: FrameType | None) -> None:
-        raise Stop
+        action()
 
     try:
         previous = signal.signal(signal.SIGTERM, handler)
@@ -43,6 +51,11 @@ def sigterm_stops() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def sigterm_stops() -> contextlib.AbstractContextManager[None]:
+    """Within the block, SIGTERM raises `Stop` in the main thread."""
+    return on_sigterm(_raise_stop)
 
 
 def wait_slice(left: float | None) -> float:

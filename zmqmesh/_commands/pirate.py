@@ -20,14 +20,11 @@ on stdin and replies with its stdout; a non-zero exit is an error reply.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from types import FrameType
+from collections.abc import Callable
 
 from .._backoff import Backoff
 from .._envelope import Message
@@ -41,6 +38,7 @@ from ._discovery_flags import (
     add_interface_argument,
     add_service_argument,
 )
+from ._signals import on_sigterm
 
 __all__ = ["register"]
 
@@ -214,24 +212,6 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm(stop: Callable[[], None]) -> Iterator[None]:
-    """SIGTERM stops the loop cleanly (SIGINT raises KeyboardInterrupt: exit 130)."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_queue(args: argparse.Namespace) -> int:
     from patterns.pirate import Queue
 
@@ -262,7 +242,7 @@ def run_queue(args: argparse.Namespace) -> int:
         )
         stats.start()
     try:
-        with _stop_on_sigterm(queue.stop):
+        with on_sigterm(queue.stop):
             # Announced with the SIGTERM handler in place: a stop always says goodbye.
             key = curve.public_key if curve is not None else None
             mesh.announce(queue.frontend_endpoints, role="queue", public_key=key)
@@ -346,7 +326,7 @@ def run_worker(args: argparse.Namespace) -> int:
         mesh.close()
         raise
     try:
-        with _stop_on_sigterm(worker.stop):
+        with on_sigterm(worker.stop):
             worker.run()
     finally:
         worker.close()

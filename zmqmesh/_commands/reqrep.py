@@ -32,12 +32,10 @@ import argparse
 import base64
 import contextlib
 import json
-import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from types import FrameType
 from typing import Any
 
 from .._envelope import Message
@@ -50,6 +48,7 @@ from ._discovery_flags import (
     add_interface_argument,
     add_service_argument,
 )
+from ._signals import on_sigterm
 
 __all__ = ["register"]
 
@@ -280,24 +279,6 @@ def _echo(message: Message) -> bytes:
     return message.body
 
 
-@contextlib.contextmanager
-def _stop_on_sigterm(stop: Callable[[], None]) -> Iterator[None]:
-    """SIGTERM stops the server cleanly (SIGINT raises KeyboardInterrupt: exit 130)."""
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        stop()
-
-    try:
-        previous = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_reply(args: argparse.Namespace) -> int:
     from patterns.reqrep import Server
 
@@ -345,7 +326,7 @@ def run_reply(args: argparse.Namespace) -> int:
         # that even when the signal lands just before a blocking receive
         # (Python runs handlers only between bytecodes: see _signals).
         stopping = threading.Event()
-        with _stop_on_sigterm(stopping.set):
+        with on_sigterm(stopping.set):
             mesh.announce_server(server.endpoints)  # with its CURVE key, if any
             for ep in server.endpoints:
                 print(f"bound {ep}", flush=True)
