@@ -18,7 +18,7 @@ SHARED = ("pattern", "count", "size", "zmqmesh_msgs_per_s", "raw_msgs_per_s", "r
 
 def bench(*argv: str) -> list[dict[str, Any]]:
     done = subprocess.run(
-        [sys.executable, "-m", "zmqmesh", "bench", "delivery", *argv, "--json"],
+        [sys.executable, "-m", "zmqmesh", "bench", "delivery", "--repeat", "1", *argv, "--json"],
         capture_output=True,
         text=True,
         timeout=140,
