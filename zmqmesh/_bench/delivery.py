@@ -18,7 +18,7 @@ processes, in the same run, so the ratio compares like with like:
   a sqlite3 table with a primary key (a duplicate is acked, not handled) and
   committing before its ack, beside `Puller(dedup=...)`.
 - queue (`--contract queue`): the Paranoid Pirate queue with one echo worker and
-  one client keeping `window` requests in flight, plain (beside `bench
+  one client keeping 16 requests in flight, plain (beside `bench
   pirate`'s raw LRU ROUTER-ROUTER relay) and with `spool=` (beside the same
   relay committing each request to sqlite3 before dispatching it and deleting
   it when the reply passes). `vs_plain` is the durable queue's rate over the
