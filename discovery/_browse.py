@@ -426,11 +426,21 @@ class _BrowseCore(RecordUpdateListener):
 
     def forget(self, who: str) -> list[Peer]:
         """Drop peers by endpoint or instance name until they answer for themselves again."""
-        gone = [
-            key
-            for key, peer in self._peers.items()
-            if who in (peer.endpoint, peer.name) or who in peer.endpoints
-        ]
+        return self._forget_keys(
+            [
+                key
+                for key, peer in self._peers.items()
+                if who in (peer.endpoint, peer.name) or who in peer.endpoints
+            ]
+        )
+
+    def forget_node(self, node_id: str) -> list[Peer]:
+        """Drop every peer announced by `node_id` (see `forget`)."""
+        if not node_id:
+            return []
+        return self._forget_keys([k for k, p in self._peers.items() if p.node_id == node_id])
+
+    def _forget_keys(self, gone: list[str]) -> list[Peer]:
         out = []
         for key in gone:
             out.append(self._peers[key])

@@ -133,6 +133,24 @@ class AsyncBrowser:
         else:
             loop.call_soon_threadsafe(self._core.forget, endpoint)
 
+    def forget_node(self, node_id: str) -> None:
+        """Drop every peer announced by the node `node_id` now; thread-safe.
+
+        For a queue whose heartbeats say the last worker of a node is gone:
+        the worker announces the queue endpoint it uses, shared by every
+        worker of that queue, so its records are found by node id, not
+        endpoint. Listed again when it answers for itself.
+        """
+        loop = self._engine.loop
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            self._core.forget_node(node_id)
+        else:
+            loop.call_soon_threadsafe(self._core.forget_node, node_id)
+
     async def aclose(self) -> None:
         """Stop browsing (no events after this)."""
         await self._core.aclose()
@@ -239,6 +257,10 @@ class Browser:
     def forget(self, endpoint: str) -> None:
         """Drop the peer(s) at `endpoint` now (see `AsyncBrowser.forget`); thread-safe."""
         self._thread.call_soon(self._inner._core.forget, endpoint)
+
+    def forget_node(self, node_id: str) -> None:
+        """Drop every peer of node `node_id` now (see `AsyncBrowser.forget_node`); thread-safe."""
+        self._thread.call_soon(self._inner._core.forget_node, node_id)
 
     def close(self) -> None:
         """Stop browsing (no events after this)."""

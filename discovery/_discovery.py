@@ -13,16 +13,18 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import time
 from collections.abc import Iterable, Mapping, Sequence
 
 from zeroconf import Zeroconf
 
-from zmqmesh import ConfigError, LocalProtocolError, Metrics
+from zmqmesh import ConfigError, LocalProtocolError, MeshError, Metrics
 
 from ._announce import Announcement, AsyncAnnouncement, _addresses_for, _ConflictWatcher, _z85_text
 from ._browser import AsyncBrowser, Browser
 from ._engine import IpVersion, _Engine, _LoopThread
+from ._member import _SelfAnnouncer
 from ._records import (
     DEFAULT_SOCKET_TYPES,
     SOCKET_TYPES,
@@ -37,6 +39,8 @@ from ._records import (
 )
 
 __all__ = ["DEFAULT_TTL", "AsyncDiscovery", "AsyncServiceSource", "Discovery", "ServiceSource"]
+
+log = logging.getLogger("zmqmesh.discovery")
 
 #: Default TTL of our records, seconds (RFC 6762 §10: 120 s for records naming a host).
 DEFAULT_TTL = 120
@@ -347,8 +351,34 @@ class ServiceSource(Browser):
                 self.discovery.close()
             raise
         super().__init__(inner, self.discovery._thread)
+        self._member = _SelfAnnouncer(self.discovery._inner, service)
+
+    @property
+    def node_id(self) -> str:
+        """The node id this source's discovery announces (a worker's routing id names it)."""
+        return self.discovery.node_id
+
+    def announce_self(self, endpoint: str, *, role: str = "worker") -> None:
+        """Announce the follower itself: `role` under this source's service, at `endpoint`.
+
+        For a worker, `endpoint` is the queue endpoint it is connected to (it
+        binds none; see `discovery._member`). Returns at once (the work runs
+        on the discovery's thread); a new endpoint replaces the old record,
+        `close()` withdraws it. Thread-safe.
+        """
+        self._thread.call_soon(self._member.schedule, endpoint, role)
+
+    @property
+    def announcement(self) -> AsyncAnnouncement | None:
+        """The follower's own announcement, once made (None before, or after close)."""
+        return self._member.announcement
 
     def close(self) -> None:
+        if not self._thread.loop.is_closed():
+            try:
+                self._thread.run(self._member.aclose())
+            except MeshError as exc:  # the shared discovery closed first: goodbyes sent
+                log.debug("withdrawing the follower's announcement: %s", exc)
         super().close()
         if self._owned:
             self.discovery.close()
@@ -375,8 +405,24 @@ class AsyncServiceSource(AsyncBrowser):
         self._owned = discovery is None
         self.discovery = discovery or AsyncDiscovery(interfaces=interfaces, ip_version=ip_version)
         super().__init__(self.discovery._engine, service, roles)
+        self._member = _SelfAnnouncer(self.discovery, service)
+
+    @property
+    def node_id(self) -> str:
+        """The node id this source's discovery announces (a worker's routing id names it)."""
+        return self.discovery.node_id
+
+    def announce_self(self, endpoint: str, *, role: str = "worker") -> None:
+        """Announce the follower itself (see `ServiceSource.announce_self`); from the loop."""
+        self._member.schedule(endpoint, role)
+
+    @property
+    def announcement(self) -> AsyncAnnouncement | None:
+        """The follower's own announcement, once made (None before, or after close)."""
+        return self._member.announcement
 
     async def aclose(self) -> None:
+        await self._member.aclose()
         await super().aclose()
         if self._owned:
             await self.discovery.aclose()

@@ -16,8 +16,8 @@ import math
 import os
 import threading
 import time
-from collections.abc import Sequence
-from typing import Any, Final
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Protocol
 
 import zmq
 import zmq.asyncio
@@ -52,6 +52,12 @@ log = logging.getLogger("zmqmesh.pirate.queue")
 _BATCH: Final = 256  # messages taken from one socket per wake-up
 
 
+class _PeerTable(Protocol):
+    """What `peers=` needs: a discovery browser (role "worker") that can drop a node."""
+
+    def forget_node(self, node_id: str) -> None: ...
+
+
 def _as_list(value: str | Sequence[str]) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
@@ -78,7 +84,9 @@ class _QueueCore:
         clock: Clock | None,
         name: str,
         spool: SpoolArg = None,
+        peers: _PeerTable | None = None,
     ) -> None:
+        self.peers = peers
         self.clock: Clock = clock if clock is not None else MonotonicClock()
         self.metrics = Metrics(name)
         self.spool: Spool | None = None
@@ -273,7 +281,33 @@ class _QueueCore:
         if now >= m.next_deadline():
             m.tick(now)
             self.flush(now)
+        if m.nodes_gone:
+            self.forget_nodes()
         m.update_gauges()
+        if self.peers is not None:
+            table = getattr(self.peers, "peers", None)
+            if isinstance(table, Mapping):  # an immutable snapshot: safe to read here
+                self.metrics.set_gauge("worker_peers", len(table))
+
+    def forget_nodes(self) -> None:
+        """Nodes whose last worker went silent leave the peer table now, not at TTL.
+
+        Issue 5: "a peer is dropped from the peer table when its heartbeats
+        stop or its records expire, whichever comes first". `forget_node` only
+        schedules the drop on the discovery's own loop (thread-safe), so the
+        zeroconf thread never touches this queue's sockets.
+        """
+        m = self.machine
+        gone, m.nodes_gone = m.nodes_gone, []
+        if self.peers is None:
+            return
+        for node, reason in gone:
+            log.info("queue %s: node %s left (its last worker %s)", m.name, node, reason)
+            try:
+                self.peers.forget_node(node)
+            except Exception:
+                # A closed or broken browser must not stop the queue.
+                log.exception("queue %s: could not drop node %s from the peer table", m.name, node)
 
     def timeout(self) -> float:
         """Seconds until the machine's next deadline (never negative)."""
@@ -323,6 +357,14 @@ class Queue:
     restart; a client's retry (same correlation id) is matched to it, so the
     work is not done twice. Dead letters then go to the spool's dead-letter
     table (`zmqmesh spool dead|replay`). See `patterns._proto.durable_queue`.
+
+    `peers=` takes a discovery browser of role "worker" (`discovery.Browser`,
+    anything with `forget_node(node_id)`): when the last worker of a node
+    goes silent (heartbeat x liveness), unreachable or is dropped, that
+    node's records leave the browser's table at once rather than at their
+    mDNS TTL (a zmqmesh worker's routing id names its node; RFC 6 workers
+    with other ids are served alike and never reported). The table size is
+    the `worker_peers` gauge.
     """
 
     def __init__(
@@ -344,6 +386,7 @@ class Queue:
         clock: Clock | None = None,
         name: str = "queue",
         spool: SpoolArg = None,
+        peers: _PeerTable | None = None,
     ) -> None:
         self._ctx = ctx or zmq.Context.instance()
         self._core = _QueueCore(
@@ -363,6 +406,7 @@ class Queue:
             clock=clock,
             name=name,
             spool=spool,
+            peers=peers,
         )
         self.metrics = self._core.metrics
         self.frontend_endpoints = self._core.frontend_endpoints
@@ -513,6 +557,7 @@ class AsyncQueue:
         clock: Clock | None = None,
         name: str = "queue",
         spool: SpoolArg = None,
+        peers: _PeerTable | None = None,
     ) -> None:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._core = _QueueCore(
@@ -532,6 +577,7 @@ class AsyncQueue:
             clock=clock,
             name=name,
             spool=spool,
+            peers=peers,
         )
         self.metrics = self._core.metrics
         self.frontend_endpoints = self._core.frontend_endpoints

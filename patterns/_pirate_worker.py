@@ -90,6 +90,8 @@ class _WorkerCore:
         max_message_size: int | None,
         clock: Clock | None,
         name: str,
+        node_id: str | None = None,
+        announce: bool = True,
     ) -> None:
         endpoints = _endpoints(connect)
         if not endpoints and source is None:
@@ -100,14 +102,25 @@ class _WorkerCore:
         self.handler = handler
         self.source = source
         self.clock: Clock = clock if clock is not None else MonotonicClock()
-        self.machine = WorkerMachine(
-            heartbeat=heartbeat,
-            liveness=liveness,
-            backoff=backoff,
-            endpoints=endpoints,
-            wall_ns=time.time_ns,
-            name=name,
-        )
+        if node_id is None:
+            # A discovery source knows the node id it announces; the routing id names it
+            # so the queue can tell which node a worker is (READY stays one frame).
+            found = getattr(source, "node_id", None)
+            node_id = found if isinstance(found, str) else ""
+        try:
+            self.machine = WorkerMachine(
+                heartbeat=heartbeat,
+                liveness=liveness,
+                backoff=backoff,
+                endpoints=endpoints,
+                wall_ns=time.time_ns,
+                name=name,
+                node_id=node_id,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"worker {name}: {exc}") from exc
+        hook = getattr(source, "announce_self", None) if announce else None
+        self._announce_self = hook if callable(hook) else None
         self.metrics = self.machine.metrics
         self.metrics.counters.setdefault("replies_dropped", 0)
         self._opts: dict[str, Any] = {
@@ -147,6 +160,13 @@ class _WorkerCore:
                     action.endpoint,
                     action.identity,
                 )
+                if self._announce_self is not None:
+                    # Announce this worker (role "worker") at the queue endpoint it
+                    # serves; non-blocking, a no-op when that endpoint is announced.
+                    try:
+                        self._announce_self(action.endpoint, role="worker")
+                    except Exception:
+                        log.exception("worker %s: announcing itself failed", self.machine.name)
             else:
                 self.close_socket()
 
@@ -256,6 +276,13 @@ class Worker:
     `backoff` paces reconnects (default 1 s doubling to 32 s, with jitter).
     A handler must finish within `heartbeat * liveness` seconds, or the queue
     gives its request to another worker.
+
+    `node_id` goes into the routing id (`node_id|<random>`, fresh per
+    reconnect) so a queue can tell which discovery node a worker is; by
+    default the source's `node_id` (a `discovery.ServiceSource`), else none.
+    A source with `announce_self` (a `ServiceSource`) also announces the
+    worker, role "worker", at the queue endpoint it is connected to, so the
+    queue host's peer table lists it; `announce=False` keeps it quiet.
     """
 
     def __init__(
@@ -273,6 +300,8 @@ class Worker:
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         clock: Clock | None = None,
         name: str = "worker",
+        node_id: str | None = None,
+        announce: bool = True,
     ) -> None:
         self._ctx = ctx or zmq.Context.instance()
         self._core = _WorkerCore(
@@ -288,6 +317,8 @@ class Worker:
             max_message_size=max_message_size,
             clock=clock,
             name=name,
+            node_id=node_id,
+            announce=announce,
         )
         self.metrics = self._core.metrics
         self._wake_rx = make_socket(self._ctx, zmq.PAIR)
@@ -424,6 +455,8 @@ class AsyncWorker:
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         clock: Clock | None = None,
         name: str = "worker",
+        node_id: str | None = None,
+        announce: bool = True,
     ) -> None:
         self._ctx = ctx or zmq.asyncio.Context.instance()
         self._core = _WorkerCore(
@@ -439,6 +472,8 @@ class AsyncWorker:
             max_message_size=max_message_size,
             clock=clock,
             name=name,
+            node_id=node_id,
+            announce=announce,
         )
         self.metrics = self._core.metrics
         self._task: asyncio.Task[None] | None = None

@@ -105,7 +105,11 @@ def test_queue_worker_req_by_service_name(tools: list[Tool], svc: str) -> None:
     assert req.wait() == 0
 
     with Discovery(interfaces=["127.0.0.1"]) as disc:
-        browser = disc.browse(service=svc)
+        # The worker announces itself too: role worker, at the queue endpoint it uses.
+        workers = disc.browse(service=svc, role="worker")
+        peers = workers.wait_for(lambda p: len(p) == 1, 10, "the worker")
+        assert [p.endpoint for p in peers.values()] == [backend]
+        browser = disc.browse(service=svc, role=("queue", "queue-backend"))
         peers = browser.wait_for(lambda p: len(p) == 2, 10, "the queue's two endpoints")
         roles = {p.role: p.endpoint for p in peers.values()}
         assert roles == {"queue": frontend, "queue-backend": backend}

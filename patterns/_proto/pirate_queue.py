@@ -40,6 +40,14 @@ What the machine keeps (zguide "Robust Reliable Queuing", RFC 6 section
   `max_backlog` requests wait in the lanes. The backlog is what lets a
   high-priority request overtake; at the bound, ZeroMQ's high-water marks push
   back on the clients. `max_backlog=0` is exactly zguide's behaviour.
+- Nodes: a zmqmesh worker's routing identity names its discovery node
+  (`node_id|<random>`, see `pirate_worker.node_identity`; READY stays one
+  frame, RFC 6). When the last worker of a node is forgotten (expired,
+  unreachable or dropped), `(node id, reason)` is appended to `nodes_gone`,
+  which the driver clears after every call: a queue holding a discovery
+  browser of role "worker" drops that node's records at once instead of
+  when their mDNS TTL runs out. Identities without a node id (any RFC 6
+  worker) are served the same and never reported.
 - TTL: a request expires `ttl_ms` (from its envelope) or `request_ttl`
   seconds after the queue received it (one host's clock; clocks of different
   hosts are never compared). An expired request still waiting for a worker
@@ -65,6 +73,7 @@ from zmqmesh import (
 )
 from zmqmesh._deadletter import Attempt, DeadLetter, DeadLetterSink, MemoryDeadLetters
 
+from .pirate_worker import node_of
 from .ppp import HEARTBEAT, READY, LogOnce, find_delimiter, foreign_version, hexid
 
 __all__ = ["PRIORITIES", "QueueMachine"]
@@ -97,11 +106,12 @@ _COUNTERS: Final = (
 
 
 class _Worker:
-    __slots__ = ("expiry", "id", "request")
+    __slots__ = ("expiry", "id", "node", "request")
 
     def __init__(self, wid: bytes, expiry: float) -> None:
         self.id = wid
         self.expiry = expiry
+        self.node = node_of(wid)  # "" for an identity that names no node
         self.request: _Request | None = None
 
 
@@ -196,6 +206,9 @@ class QueueMachine:
         #: Frames to send on the backend (first frame: worker id) and frontend.
         self.backend_out: list[list[bytes]] = []
         self.frontend_out: list[list[bytes]] = []
+        #: (node id, reason) of nodes whose last worker was just forgotten.
+        self.nodes_gone: list[tuple[str, str]] = []
+        self._nodes: dict[str, int] = {}  # node id -> workers of it in `workers`
         self.workers: dict[bytes, _Worker] = {}
         self.idle: collections.OrderedDict[bytes, _Worker] = collections.OrderedDict()
         self._pending: dict[bytes, _Request] = {}  # correlation id -> request (enveloped only)
@@ -404,6 +417,8 @@ class QueueMachine:
         if worker is None:
             worker = self.workers[wid] = _Worker(wid, now + self.expiry_after)
             self.idle[wid] = worker
+            if worker.node:
+                self._nodes[worker.node] = self._nodes.get(worker.node, 0) + 1
             self._c["workers_joined"] += 1
         else:
             worker.expiry = now + self.expiry_after
@@ -543,7 +558,14 @@ class QueueMachine:
         self._requeue(request)
 
     def _forget(self, worker: _Worker, now: float, reason: str, counter: str) -> None:
-        self.workers.pop(worker.id, None)
+        if self.workers.pop(worker.id, None) is not None and worker.node:
+            left = self._nodes.get(worker.node, 1) - 1
+            if left > 0:
+                self._nodes[worker.node] = left
+            else:
+                # Its last worker: the node is gone as far as this queue can tell.
+                self._nodes.pop(worker.node, None)
+                self.nodes_gone.append((worker.node, reason))
         self.idle.pop(worker.id, None)
         self._c[counter] += 1
         request = worker.request

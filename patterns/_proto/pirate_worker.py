@@ -24,6 +24,12 @@ Liveness (zguide "Robust Reliable Queuing"; RFC 6 "Heartbeating"):
   must finish within that time (raise `heartbeat` or `liveness` for long
   work). After a long request the queue's heartbeats wait unread in the
   socket, so finishing one refreshes the queue's expiry here too.
+- Routing identity: with a `node_id` (the discovery node id of the process,
+  announced in its mDNS TXT), the identity is `node_id + b"|" + 12 hex
+  digits`, fresh per reconnect, so a queue can tell which node a worker
+  belongs to without a single extra frame: READY stays exactly `b"\x01"`
+  (RFC 6). A queue must not rely on it; a spec worker's identity is
+  arbitrary, and `node_of` says "" for it.
 - Several queue endpoints: the worker talks to one queue at a time (a DEALER
   connected to two queues would send its READY to one and its replies
   round-robin to both) and moves to the next endpoint on every reconnect.
@@ -31,6 +37,7 @@ Liveness (zguide "Robust Reliable Queuing"; RFC 6 "Heartbeating"):
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -52,7 +59,18 @@ from zmqmesh import (
 
 from .ppp import HEARTBEAT, READY, LogOnce, find_delimiter, foreign_version, hexid
 
-__all__ = ["RAW_HEADER", "Action", "Close", "Open", "Send", "WorkItem", "WorkerMachine"]
+__all__ = [
+    "NODE_SEP",
+    "RAW_HEADER",
+    "Action",
+    "Close",
+    "Open",
+    "Send",
+    "WorkItem",
+    "WorkerMachine",
+    "node_identity",
+    "node_of",
+]
 
 log = logging.getLogger("zmqmesh.pirate.worker")
 
@@ -129,6 +147,35 @@ def _new_identity() -> bytes:
     return b"W" + os.urandom(6).hex().encode()
 
 
+#: Separates the node id from the random part of a zmqmesh worker's identity.
+NODE_SEP: Final = b"|"
+_SUFFIX_LEN: Final = 12  # hex digits of the random part
+_HEX: Final = frozenset(b"0123456789abcdef")
+_MAX_NODE: Final = 255 - 1 - _SUFFIX_LEN  # ZeroMQ routing ids are at most 255 bytes
+
+
+def node_identity(node_id: str, suffix: bytes | None = None) -> bytes:
+    """A routing identity naming `node_id`: `node_id|<12 hex digits>` (fresh per call)."""
+    node = node_id.encode()
+    if not node or len(node) > _MAX_NODE or node[:1] == b"\x00":
+        raise ValueError(
+            f"node id {node_id!r} must be 1-{_MAX_NODE} bytes of UTF-8, not starting with NUL"
+        )
+    tail = suffix if suffix is not None else os.urandom(_SUFFIX_LEN // 2).hex().encode()
+    return node + NODE_SEP + tail
+
+
+def node_of(identity: bytes) -> str:
+    """The node id in a worker identity made by `node_identity`; "" for any other identity."""
+    node, sep, tail = identity.rpartition(NODE_SEP)
+    if not sep or not node or len(tail) != _SUFFIX_LEN or not _HEX.issuperset(tail):
+        return ""
+    try:
+        return node.decode()
+    except UnicodeDecodeError:
+        return ""
+
+
 class WorkerMachine:
     """Worker side of RFC 6: READY, heartbeats, liveness, backoff reconnects, replies."""
 
@@ -139,7 +186,8 @@ class WorkerMachine:
         liveness: int = 3,
         backoff: Backoff | None = None,
         endpoints: Iterable[str] = (),
-        new_identity: Callable[[], bytes] = _new_identity,
+        new_identity: Callable[[], bytes] | None = None,
+        node_id: str = "",
         rand: Callable[[], float] = random.random,
         wall_ns: Callable[[], int] = lambda: 0,
         metrics: Metrics | None = None,
@@ -163,6 +211,13 @@ class WorkerMachine:
         self._c = self.metrics.counters
         for key in _COUNTERS:
             self._c.setdefault(key, 0)
+        if new_identity is None:
+            if node_id:
+                node_identity(node_id)  # a bad node id fails here, not at the first connect
+                new_identity = functools.partial(node_identity, node_id)
+            else:
+                new_identity = _new_identity
+        self.node_id = node_id
         self._new_identity = new_identity
         self._rand = rand
         self._wall_ns = wall_ns

@@ -16,9 +16,16 @@ Who finds whom (`ROLES_FOLLOWED` / `ROLE_ANNOUNCED`):
     pull      puller                        pusher
     reply     server                        client
     req       -                             server, queue
-    queue     queue (frontend),             -
-              queue-backend (backend)
-    worker    -                             queue-backend
+    queue     queue (frontend),             - (with --announce, it browses
+              queue-backend (backend)         role worker: its peer table)
+    worker    worker (with --service; at    queue-backend
+              the queue endpoint it uses)
+
+A worker binds nothing, so what it announces is the queue endpoint it is
+connected to, under the --service name, with its node id in TXT (which its
+routing id names too); `--no-announce` keeps it quiet. A queue drops a node's
+worker records from its table when the node's last worker goes silent
+(heartbeats), not 120 s later when the records expire.
 
 A queue's two ROUTERs look alike on the wire, so its frontend and backend are
 two roles: `zmqmesh req --service jobs` finds the frontend and
@@ -125,6 +132,18 @@ class _Filtered(TrustedPeers):
             return why + "; give --trust DIR (or --secret-key) to connect with CURVE"
         return why
 
+    @property
+    def node_id(self) -> str:
+        """The wrapped source's node id (a worker's routing id names it); "" if none."""
+        found = getattr(self._inner, "node_id", "")
+        return found if isinstance(found, str) else ""
+
+    def announce_self(self, endpoint: str, *, role: str = "worker") -> None:
+        """Pass a follower's own announcement on to the wrapped source (if it can)."""
+        hook = getattr(self._inner, "announce_self", None)
+        if callable(hook):
+            hook(endpoint, role=role)
+
 
 class MeshFlags:
     """What `--service` / `--announce` (and the CURVE flags with them) mean for one run.
@@ -202,6 +221,16 @@ class MeshFlags:
             inner, trust=trust, keys=extra, curve=curve, name=what or f"zmqmesh {self.tool}"
         )
         return self._source
+
+    def peer_table(self, role: str) -> Any:
+        """A browser of `role` under the --announce name (None without --announce).
+
+        The queue's table of its workers' hosts: it forgets a node whose last
+        worker went silent. Closed with the discovery in `close()`.
+        """
+        if self.announce_as is None:
+            return None
+        return self._disc().browse(service=self.announce_as, role=role)
 
     def announce(
         self, endpoints: Iterable[str], *, role: str | None = None, public_key: bytes | None = None

@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .._backoff import Backoff
 from .._envelope import Message
@@ -39,6 +40,11 @@ from ._discovery_flags import (
     add_service_argument,
 )
 from ._signals import on_sigterm
+
+if TYPE_CHECKING:
+    from patterns.pirate import Queue
+
+    from .._sockets import CurveOptions
 
 __all__ = ["register"]
 
@@ -140,6 +146,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="queue backend endpoint (repeatable: failover in turn)",
     )
     add_service_argument(w, "worker")
+    w.add_argument(
+        "--no-announce",
+        action="store_true",
+        help="with --service: do not announce this worker (by default it is announced as "
+        "role worker under NAME, at the queue endpoint it uses, so the queue host's peer "
+        "table lists it)",
+    )
     add_interface_argument(w)
     w.add_argument("--echo", action="store_true", help="reply with the request body")
     _liveness_args(w)
@@ -213,25 +226,15 @@ def _non_negative_int(text: str) -> int:
 
 
 def run_queue(args: argparse.Namespace) -> int:
-    from patterns.pirate import Queue
-
     for ep in [*args.frontend, *args.backend]:
         parse_endpoint(ep)
     curve = server_curve_from_args(args)
-    queue = Queue(
-        frontend=args.frontend,
-        backend=args.backend,
-        heartbeat=args.heartbeat,
-        liveness=args.liveness,
-        max_attempts=args.max_attempts,
-        request_ttl=args.request_ttl,
-        aging=None if args.strict_priority else args.aging,
-        max_backlog=args.max_backlog,
-        name=args.name,
-        spool=args.spool,
-        curve=curve,
-    )
     mesh = MeshFlags(args, "queue")
+    try:
+        queue = _make_queue(args, curve, mesh)
+    except BaseException:
+        mesh.close()
+        raise
     print(f"frontend {' '.join(queue.frontend_endpoints)}", flush=True)
     print(f"backend {' '.join(queue.backend_endpoints)}", flush=True)
     done = threading.Event()
@@ -256,6 +259,27 @@ def run_queue(args: argparse.Namespace) -> int:
         queue.close()
         _report(queue.metrics.snapshot(), len(queue.dead_letters()), args.name)
     return 0
+
+
+def _make_queue(args: argparse.Namespace, curve: CurveOptions | None, mesh: MeshFlags) -> Queue:
+    from patterns.pirate import Queue
+
+    return Queue(
+        frontend=args.frontend,
+        backend=args.backend,
+        heartbeat=args.heartbeat,
+        liveness=args.liveness,
+        max_attempts=args.max_attempts,
+        request_ttl=args.request_ttl,
+        aging=None if args.strict_priority else args.aging,
+        max_backlog=args.max_backlog,
+        name=args.name,
+        spool=args.spool,
+        curve=curve,
+        # --announce: the queue's table of its workers' hosts (role "worker"),
+        # from which a node goes when its last worker's heartbeats stop.
+        peers=mesh.peer_table("worker"),
+    )
 
 
 def _print_stats(metrics: Metrics, every: float, done: threading.Event) -> None:
@@ -321,6 +345,7 @@ def run_worker(args: argparse.Namespace) -> int:
             backoff=Backoff(args.reconnect, args.reconnect_max),
             curve=mesh.connect_curve(),
             name=args.name,
+            announce=not args.no_announce,
         )
     except BaseException:
         mesh.close()
