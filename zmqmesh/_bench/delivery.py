@@ -59,7 +59,10 @@ _QUEUE_WINDOW: Final = 16  # requests in flight from the one queue client
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--count", type=int, default=5_000, help="messages per acked row (default 5000)"
+        "--count",
+        type=int,
+        default=5_000,
+        help="messages (queue: requests) per row but at-most-once's (default 5000)",
     )
     parser.add_argument(
         "--fast-count",
@@ -85,7 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--contract",
         action="append",
         choices=CONTRACTS,
-        help="contract to run (repeatable; default: all, and the queue)",
+        help="contract to run (repeatable; default: all four)",
     )
 
 
