@@ -216,32 +216,47 @@ def test_queue_worker_client_by_service_name_and_a_worker_cut_off(netns3: NetnsL
     lab = netns3
     svc = "jobs"
     beat = ["--heartbeat", str(HEARTBEAT), "--liveness", str(LIVENESS)]
+    # -v: the queue logs which node left its peer table (info).
     queue_a = Tool(
-        lab, "a", "queue", "--frontend", "tcp://*:5555", "--backend", "tcp://*:5556",
+        lab, "a", "-v", "queue", "--frontend", "tcp://*:5555", "--backend", "tcp://*:5556",
         "--announce", svc, *beat, "--stats", "0.1",
     )  # fmt: skip
     assert queue_a.line(10).startswith("frontend ")
     assert queue_a.line(5).startswith("backend ")
     # -vv: the worker logs when its browser drops the silent queue (debug).
     worker_b = Tool(lab, "b", "-vv", "worker", "--service", svc, "--echo", *beat)
+    # Its routing id names its node (b'NODE|random'), the node its record is announced by.
+    connected = worker_b.err_until("connected to", time.monotonic() + 10)
+    node_b = connected.split(" as b'", 1)[1].split("|", 1)[0]
     queue_a.stats_until(lambda s: _workers(s) == 1, time.monotonic() + 10, "b's worker")
+    # b's worker announced itself: the queue host's peer table (role worker) lists it.
+    queue_a.stats_until(
+        lambda s: s.get("worker_peers") == 1, time.monotonic() + 10, "b in its peer table"
+    )
 
     client_c = Tool(lab, "c", "req", "--service", svc, "--timeout", "3", "--retries", "3")
     client_c.send("r0")
     assert client_c.line(10) == "r0"
     worker_c = Tool(lab, "c", "worker", "--service", svc, "--echo", *beat)
-    queue_a.stats_until(lambda s: _workers(s) == 2, time.monotonic() + 10, "two workers")
+    queue_a.stats_until(
+        lambda s: _workers(s) == 2 and s.get("worker_peers") == 2,
+        time.monotonic() + 10,
+        "two workers, two hosts in its peer table",
+    )
 
     # b's cable is pulled: no goodbye, no FIN. Its mDNS records would live on
-    # for their TTL (120 s); the queue's heartbeats say within 1.5 s.
+    # for their TTL (120 s); the queue's heartbeats say within 1.5 s, and the
+    # queue drops b's node from its peer table then.
     lab.cut("b")
     cut_at = time.monotonic()
-    stats = queue_a.stats_until(
-        lambda s: _workers(s) == 1, cut_at + WINDOW + 3, "b's worker expire"
-    )
-    elapsed = time.monotonic() - cut_at
+    expired_after, left_after, stats = _watch_queue(queue_a, node_b, cut_at, cut_at + WINDOW + 3)
     assert stats["workers_expired"] == 1
-    assert elapsed < WINDOW + 2.5, f"b stayed in the queue's table {elapsed:.2f} s"
+    print(
+        f"\nafter the cut: b's worker expired in {expired_after:.2f} s, b left the queue "
+        f"host's peer table in {left_after:.2f} s (window {WINDOW:g} s)"
+    )
+    assert expired_after < WINDOW + 2.5, f"b stayed in the queue's table {expired_after:.2f} s"
+    assert left_after < WINDOW + 2.5, f"b stayed in the peer table {left_after:.2f} s"
 
     # Requests still succeed, through the worker on c.
     for i in range(1, 6):
@@ -251,6 +266,35 @@ def test_queue_worker_client_by_service_name_and_a_worker_cut_off(netns3: NetnsL
     # the queue from its browser's table (forgotten, not waiting for the TTL).
     worker_b.err_until("forgotten", time.monotonic() + 5)
     assert worker_c.proc.poll() is None and queue_a.proc.poll() is None
+
+
+def _watch_queue(
+    queue_a: Tool, node: str, since: float, deadline: float
+) -> tuple[float, float, dict[str, float]]:
+    """Seconds until one worker is left, and until `node` left the peer table (both logged
+    and counted in the `worker_peers` gauge); the last stats line."""
+    expired: float | None = None
+    left: float | None = None
+    logged = False
+    stats: dict[str, float] = {}
+    while expired is None or left is None:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"after the cut: b's worker expired {expired}, {node} left {left}")
+        try:
+            text = queue_a.err.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        now = time.monotonic() - since
+        if not text.startswith("{"):
+            logged = logged or f"node {node} left" in text
+            continue
+        stats = json.loads(text)
+        if expired is None and _workers(stats) == 1:
+            expired = now
+        if left is None and logged and stats.get("worker_peers") == 1:
+            left = now
+    return expired, left, stats
 
 
 def _collect(tool: Tool, want: set[str], timeout: float) -> set[str]:
