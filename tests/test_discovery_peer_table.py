@@ -261,3 +261,81 @@ def test_dead_worker_leaves_the_peer_table_within_the_liveness_window(
     if sig == signal.SIGSTOP:  # alive to TCP, silent to PPP: only heartbeats can tell
         assert counters["workers_expired"] == 1, counters
     assert queue.metrics.gauges.get("workers_idle") == 0
+
+
+def test_forget_node_drops_only_that_nodes_records(svc: str) -> None:
+    with Discovery(interfaces=IFACE) as disc:
+        table = disc.browse(service=svc, role="worker")
+        shared = "tcp://127.0.0.1:40100"  # two workers of one queue: one endpoint
+        disc.announce(shared, service=svc, role="worker", node_id="nodeB", probe=False)
+        disc.announce(shared, service=svc, role="worker", node_id="nodeC", probe=False)
+        table.wait_for(lambda p: len(p) == 2, 10, "both workers")
+        table.drain_events()
+        table.forget_node("nodeB")
+        table.forget_node("")  # names no node: nothing to do
+        left = table.wait_for(lambda p: len(p) == 1, 5, "nodeB forgotten")
+        assert [p.node_id for p in left.values()] == ["nodeC"]
+        (event,) = [e for e in table.drain_events() if e.kind == "removed"]
+        assert (event.peer.node_id, event.reason) == ("nodeB", "forgotten")
+
+
+def test_announce_self_moves_with_the_endpoint_and_survives_bad_ones(
+    svc: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with Discovery(interfaces=IFACE) as disc:
+        table = disc.browse(service=svc, role="worker")
+        source = ServiceSource(svc, "queue-backend", discovery=disc)
+        try:
+            source.announce_self("tcp://127.0.0.1:40101")
+            source.announce_self("tcp://127.0.0.1:40101")  # the same: one record
+            table.wait_for(lambda p: len(p) == 1, 10, "the first record")
+            source.announce_self("tcp://127.0.0.1:40102")  # moved to another queue
+            peers = table.wait_for(
+                lambda p: [x.endpoint for x in p.values()] == ["tcp://127.0.0.1:40102"],
+                10,
+                "the moved record",
+            )
+            assert {p.node_id for p in peers.values()} == {disc.node_id}
+            source.announce_self("ipc:///tmp/not-announceable")  # logged, not raised
+            wait_until(lambda: "not announcing this worker" in caplog.text, timeout=5)
+            assert source.announcement is None
+        finally:
+            source.close()
+        table.wait_for(lambda p: not p, 5, "the goodbye")
+
+
+async def test_async_worker_announces_itself_and_async_queue_forgets_its_node(svc: str) -> None:
+    from discovery import AsyncDiscovery, AsyncServiceSource
+    from patterns.pirate import AsyncQueue, AsyncWorker
+    from zmqmesh.testing import async_wait_until
+
+    async with AsyncDiscovery(interfaces=IFACE) as disc:
+        table = disc.browse(service=svc, role="worker")
+        queue = AsyncQueue(
+            frontend="tcp://127.0.0.1:*",
+            backend="tcp://127.0.0.1:*",
+            heartbeat=HB,
+            liveness=LIVENESS,
+            peers=table,
+        ).start()
+        source = AsyncServiceSource(svc, "queue-backend", interfaces=IFACE)
+        worker = AsyncWorker(source=source, handler=_echo, heartbeat=HB, liveness=LIVENESS)
+        try:
+            await disc.announce(
+                queue.backend_endpoints[0], service=svc, role="queue-backend", probe=False
+            )
+            worker.start()
+            await async_wait_until(lambda: len(table.peers) == 1, timeout=10)
+            (peer,) = table.peers.values()
+            assert (peer.node_id, peer.endpoint) == (source.node_id, queue.backend_endpoints[0])
+            assert node_of(worker.identity) == source.node_id
+            # The worker goes (socket closed) while its announcement stays, no
+            # goodbye: the queue's next heartbeat finds it gone and drops the node.
+            await worker.aclose()
+            await async_wait_until(lambda: not table.peers, timeout=WINDOW + 3)
+            counters = queue.metrics.counters
+            assert counters["workers_expired"] + counters["workers_unreachable"] == 1
+        finally:
+            await worker.aclose()
+            await source.aclose()
+            await queue.aclose()
