@@ -55,7 +55,7 @@ from .._sources import EndpointSource, PeerEvent, TrustedPeers
 from ._curve import client_curve_from_args, server_curve_from_args, trust_store_from_args
 
 if TYPE_CHECKING:
-    from discovery import Discovery
+    from discovery import Browser, Discovery
 
     from .._sockets import CurveOptions
 
@@ -222,7 +222,7 @@ class MeshFlags:
         )
         return self._source
 
-    def peer_table(self, role: str) -> Any:
+    def peer_table(self, role: str) -> Browser | None:
         """A browser of `role` under the --announce name (None without --announce).
 
         The queue's table of its workers' hosts: it forgets a node whose last
