@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import itertools
 import logging
 import threading
@@ -79,6 +80,13 @@ def _classify(event: int, value: int) -> tuple[str, str]:
         return "protocol", f"ZMTP protocol error {value:#x} during the handshake"
     if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
         return "zap_error", f"the ZAP handler could not decide (status {value})"
+    if value in (errno.EPIPE, errno.ECONNRESET):
+        # The client saw the mismatch first and closed: which side notices a
+        # plain-text or wrong-key client first is a race in the greeting.
+        return "hangup", (
+            "the client hung up during the CURVE handshake: it does not speak CURVE, "
+            "or holds another server public key"
+        )
     return "no_zap", (
         "no ZAP handler answered, so the socket fails closed; start the "
         "authenticator (guard_server) before bind"
@@ -112,7 +120,8 @@ class ZapGuard:
 
     Counters (in `metrics`, which may be the pattern's own): ``curve_accepted``,
     ``curve_refused`` and ``curve_refused_<why>`` with why one of unknown_key
-    (not in the allow-list), plaintext, crypto (wrong server key), no_zap
+    (not in the allow-list), plaintext, crypto (wrong server key), hangup (the
+    client closed mid-handshake: one of the two before), no_zap
     (no handler answered: fail closed), zap_error, protocol.
     """
 
