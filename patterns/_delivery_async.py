@@ -118,6 +118,7 @@ class AsyncAckedPusher(AsyncPusher):
             hwm=hwm,
             max_message_size=max_message_size,
             send_timeout=send_timeout,
+            inline_max=0,  # spool rows keep `[Data, body]` (see PushMachine.inline_max)
         )
         self.metrics = core.metrics
         self._now: Callable[[], float] = clock.now if clock is not None else time.monotonic

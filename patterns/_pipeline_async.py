@@ -111,7 +111,7 @@ class _AsyncSender(_AsyncEnd):
     _core: SendCore
     _lock: asyncio.Lock
 
-    async def _wait_first(self, frame: bytes) -> None:
+    async def _wait_first(self, frame: bytes, more: bool = True) -> None:
         """Send a message's first frame once ZeroMQ takes it, or raise SendError."""
         core = self._core
         link = self._link
@@ -121,14 +121,14 @@ class _AsyncSender(_AsyncEnd):
         while True:
             self._check_open()
             link.follow()
-            if core.try_first(sock, frame):
+            if core.try_first(sock, frame, more):
                 return
             left = deadline - _monotonic()
             if left <= 0:
                 raise core.timed_out()
             chunk = min(left, SOURCE_POLL) if link.source is not None else left
             if await sock.poll(None if chunk == _INF else wait_ms(chunk), zmq.POLLOUT):
-                if core.try_first(sock, frame):
+                if core.try_first(sock, frame, more):
                     return
                 await asyncio.sleep(_FULL_PEER_PAUSE)
 
@@ -136,12 +136,13 @@ class _AsyncSender(_AsyncEnd):
         """Send one whole multipart message, in order behind any send that is waiting."""
         core = self._core
         sock = self._link.sock
+        more = len(frames) > 1
         try:
-            if not self._lock.locked() and core.try_first(sock, frames[0]):
+            if not self._lock.locked() and core.try_first(sock, frames[0], more):
                 core.send_rest(sock, frames)
                 return
             async with self._lock:
-                await self._wait_first(frames[0])
+                await self._wait_first(frames[0], more)
                 core.send_rest(sock, frames)
         except zmq.ZMQError as exc:
             raise core.failed(exc, peer) from exc
@@ -342,6 +343,21 @@ class AsyncPusher(_AsyncSender):
             return
         else:
             frame = core.frame(body)
+        if core.machine.inlines(len(frame)):
+            # One frame carries the header and the body (see zmqmesh._envelope).
+            frames = core.inline(frame, headers, priority, ttl)
+            sock = link.sock
+            try:
+                if self._lock.locked() or not core.try_first(sock, frames[0], len(frames) > 1):
+                    await self._send(frames)
+                else:
+                    core.send_rest(sock, frames)
+            except zmq.ZMQError as exc:
+                raise core.failed(exc) from exc
+            c = core.counters
+            c["messages_out"] += 1
+            c["bytes_out"] += len(frame)
+            return
         header = _encode(
             core.machine.header(
                 _time_ns(), headers, priority, ttl_ms(ttl) if ttl is not None else 0, 1
@@ -422,7 +438,7 @@ class AsyncPusher(_AsyncSender):
             outs = core.batch_take()
             while outs and not self._lock.locked():
                 out = outs[0]
-                if not core.try_first(link.sock, out.frames[0]):
+                if not core.try_first(link.sock, out.frames[0], len(out.frames) > 1):
                     break
                 core.send_rest(link.sock, out.frames)
                 core.sent(out)
@@ -543,9 +559,9 @@ class AsyncRouter(_AsyncSender, _AsyncReceiver):
     ) -> None:
         """Send one message to the peer named `peer`; see `Router.send_to`."""
         self._check_open()
-        frames = self._core.routed(peer, body, headers, priority, ttl)
-        await self._send(frames, frames[0])
-        self._core.sent_one(frames, 3)
+        out = self._core.routed(peer, body, headers, priority, ttl)
+        await self._send(out.frames, out.frames[0])
+        self._core.sent(out)
 
 
 class AsyncDealer(_AsyncSender, _AsyncReceiver):
@@ -611,6 +627,6 @@ class AsyncDealer(_AsyncSender, _AsyncReceiver):
     ) -> None:
         """Send one message to a connected router; see `Dealer.send`."""
         self._check_open()
-        frames = self._core.routed(None, body, headers, priority, ttl)
-        await self._send(frames)
-        self._core.sent_one(frames, 2)
+        out = self._core.routed(None, body, headers, priority, ttl)
+        await self._send(out.frames)
+        self._core.sent(out)

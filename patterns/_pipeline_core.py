@@ -1,7 +1,8 @@
 """The sending half every pipeline driver shares (no waiting in here).
 
-`SendCore` turns bodies into frames with the `PushMachine`'s headers,
-refuses oversized bodies, runs the batching decisions and counts. The
+`SendCore` turns bodies into frames with the `PushMachine`'s headers (one
+`Inline` frame for a small single body, where the machine says so; see
+zmqmesh._envelope), refuses oversized bodies, runs the batching decisions and counts. The
 drivers (blocking and asyncio) only add the waiting.
 """
 
@@ -16,8 +17,18 @@ import msgspec
 import zmq
 
 from zmqmesh import Clock, LocalProtocolError, MeshError, Metrics, SendError
+from zmqmesh._envelope import INLINE_MAX
 
-from ._pipeline_io import NB_MORE, SNDMORE, frame_of, frames_of, peer_id, send_error, send_raw
+from ._pipeline_io import (
+    NB_MORE,
+    NOBLOCK,
+    SNDMORE,
+    frame_of,
+    frames_of,
+    peer_id,
+    send_error,
+    send_raw,
+)
 from ._proto.pipeline import (
     DEFAULT_BATCH_BYTES,
     DEFAULT_BATCH_COUNT,
@@ -75,6 +86,7 @@ class SendCore:
         batch_max_bytes: int = DEFAULT_BATCH_BYTES,
         batch_linger: float = DEFAULT_BATCH_LINGER,
         clock: Clock | None = None,
+        inline_max: int = INLINE_MAX,
     ) -> None:
         if send_timeout is not None and not send_timeout > 0:
             raise LocalProtocolError(f"{what}: send_timeout must be > 0 seconds or None")
@@ -94,6 +106,7 @@ class SendCore:
             max_count=batch_max_count,
             max_bytes=batch_max_bytes,
             linger=batch_linger,
+            inline_max=inline_max,
         )
         self.batching = batch
         self.metrics: Metrics = self.machine.metrics
@@ -117,6 +130,51 @@ class SendCore:
             raise self.oversized(len(frame))
         return frame
 
+    def inline(
+        self, body: bytes, headers: dict[str, str] | None, priority: int, ttl: float | None
+    ) -> list[bytes]:
+        """A small body's message: `[Inline]`, or `[Data, body]` if that frame is too big.
+
+        `body` is already checked against `max_message_size` (and the
+        machine's `inlines`); a header dict can still push the one frame
+        over the limit, and a receiver would drop the connection for it.
+        """
+        ms = ttl_ms(ttl) if ttl is not None else 0
+        frame = self.machine.inline(body, _time_ns(), headers, priority, ms)
+        if len(frame) <= self.limit:
+            return [frame]
+        return self.machine.split(frame)
+
+    def out(
+        self,
+        prefix: list[bytes],
+        body: Any,
+        headers: dict[str, str] | None,
+        priority: int,
+        ttl: float | None,
+    ) -> Outgoing:
+        """One message as an `Outgoing`: `prefix`, then `[Inline]` or `[header, body...]`."""
+        if type(body) is list:
+            frames = frames_of(body)
+            for f in frames:
+                if len(f) > self.limit:
+                    raise self.oversized(len(f))
+            nbytes = sum(map(len, frames))
+            return Outgoing(
+                [*prefix, self.header(headers, priority, ttl, len(frames)), *frames],
+                1,
+                nbytes,
+                False,
+            )
+        frame = self.frame(body)
+        if self.machine.inlines(len(frame)):
+            return Outgoing(
+                [*prefix, *self.inline(frame, headers, priority, ttl)], 1, len(frame), False
+            )
+        return Outgoing(
+            [*prefix, self.header(headers, priority, ttl, 1), frame], 1, len(frame), False
+        )
+
     def message(
         self,
         prefix: list[bytes],
@@ -125,15 +183,8 @@ class SendCore:
         priority: int,
         ttl: float | None,
     ) -> list[bytes]:
-        """All frames of one message: `prefix`, the header, the body frame(s)."""
-        if type(body) is list:
-            frames = frames_of(body)
-            for f in frames:
-                if len(f) > self.limit:
-                    raise self.oversized(len(f))
-        else:
-            frames = [self.frame(body)]
-        return [*prefix, self.header(headers, priority, ttl, len(frames)), *frames]
+        """All frames of one message: `prefix`, then `[Inline]` or `[header, body...]`."""
+        return self.out(prefix, body, headers, priority, ttl).frames
 
     def routed(
         self,
@@ -142,10 +193,10 @@ class SendCore:
         headers: dict[str, str] | None,
         priority: int,
         ttl: float | None,
-    ) -> list[bytes]:
+    ) -> Outgoing:
         """A directed message: `[peer, b"", header, body...]` (ROUTER) or `[b"", ...]`."""
         prefix = [_EMPTY] if peer is None else [peer_id(peer), _EMPTY]
-        return self.message(prefix, body, headers, priority, ttl)
+        return self.out(prefix, body, headers, priority, ttl)
 
     def oversized(self, size: int) -> SendError:
         self.counters["oversized"] += 1
@@ -159,22 +210,27 @@ class SendCore:
     # ---------------------------------------------------------------- the wire
 
     @staticmethod
-    def try_first(sock: Any, frame: bytes) -> bool:
-        """Send a message's first frame if ZeroMQ takes it now; False on `Again`."""
+    def try_first(sock: Any, frame: bytes, more: bool = True) -> bool:
+        """Send a message's first frame if ZeroMQ takes it now; False on `Again`.
+
+        `more=False` for a message of one frame (an inline PUSH message).
+        """
         try:
-            send_raw(sock, frame, NB_MORE)
+            send_raw(sock, frame, NB_MORE if more else NOBLOCK)
         except zmq.Again:
             return False
         return True
 
     @staticmethod
-    def send_first(sock: Any, frame: bytes, flags: int) -> None:
-        send_raw(sock, frame, SNDMORE | flags)
+    def send_first(sock: Any, frame: bytes, flags: int, more: bool = True) -> None:
+        send_raw(sock, frame, SNDMORE | flags if more else flags)
 
     @staticmethod
     def send_rest(sock: Any, frames: list[bytes]) -> None:
         """The frames after the first: ZeroMQ takes them once it took the first."""
         last = len(frames) - 1
+        if not last:  # a one-frame message went whole with the first
+            return
         for i in range(1, last):
             send_raw(sock, frames[i], SNDMORE)
         send_raw(sock, frames[last], 0)
@@ -198,11 +254,6 @@ class SendCore:
             f"connected, or all at their high-water mark of {self.hwm}); start a receiver "
             "or raise send_timeout"
         )
-
-    def sent_one(self, frames: list[bytes], first_body: int) -> None:
-        c = self.counters
-        c["messages_out"] += 1
-        c["bytes_out"] += sum(len(f) for f in frames[first_body:])
 
     # ----------------------------------------------------------------- batching
 
@@ -244,8 +295,7 @@ class SendCore:
     def single(
         self, body: Any, headers: dict[str, str] | None, priority: int, ttl: float | None
     ) -> Outgoing:
-        frames = self.message([], body, headers, priority, ttl)
-        return Outgoing(frames, 1, sum(len(f) for f in frames[1:]), False)
+        return self.out([], body, headers, priority, ttl)
 
     def batch_take(self) -> list[Outgoing]:
         m = self.machine

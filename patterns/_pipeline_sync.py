@@ -34,6 +34,7 @@ from ._delivery_core import SpoolArg, puller_delivery, pusher_delivery
 from ._pipeline_core import Outgoing, SendCore
 from ._pipeline_io import (
     NB_MORE,
+    NOBLOCK,
     SOURCE_POLL,
     Endpoints,
     Link,
@@ -100,7 +101,7 @@ class _Sender(_End):
 
     _core: SendCore
 
-    def _wait_first(self, frame: bytes) -> None:
+    def _wait_first(self, frame: bytes, more: bool = True) -> None:
         """Send a message's first frame once ZeroMQ takes it, or raise SendError."""
         self._check_open()
         core = self._core
@@ -118,7 +119,7 @@ class _Sender(_End):
             # one peer a ROUTER addresses as well as for any peer of a PUSH.
             sock.sndtimeo = -1 if chunk == _INF else wait_ms(chunk)
             try:
-                core.send_first(sock, frame, 0)
+                core.send_first(sock, frame, 0, more)
                 return
             except zmq.Again:
                 continue
@@ -128,8 +129,9 @@ class _Sender(_End):
         core = self._core
         sock = self._link.sock
         try:
-            if not core.try_first(sock, frames[0]):
-                self._wait_first(frames[0])
+            more = len(frames) > 1
+            if not core.try_first(sock, frames[0], more):
+                self._wait_first(frames[0], more)
             core.send_rest(sock, frames)
         except zmq.ZMQError as exc:
             raise core.failed(exc, peer) from exc
@@ -319,6 +321,8 @@ class Pusher(_Sender):
         self._counters = core.counters
         self._limit = core.limit
         self._mint = core.machine.header
+        self._inline = core.machine.inline
+        self._inline_max = core.machine.inline_max
         self._add = core.machine.add
         self._batching = batch
         self._item_max = core.machine.item_max
@@ -378,11 +382,30 @@ class Pusher(_Sender):
             return
         else:
             frame = self._core.frame(body)
-        # The hot path, inlined: mint, encode, two Cython sends, count.
+        sock = self._sock
+        if len(frame) <= self._inline_max:
+            # The hot path, inlined: one frame carries the header and the body.
+            one = self._inline(
+                frame, _time_ns(), headers, priority, 0 if ttl is None else ttl_ms(ttl)
+            )
+            if len(one) > self._limit:  # headers pushed it over: the two-frame form
+                self._send(self._core.machine.split(one))
+            else:
+                try:
+                    try:
+                        send_raw(sock, one, NOBLOCK)
+                    except zmq.Again:
+                        self._wait_first(one, False)
+                except zmq.ZMQError as exc:
+                    raise self._core.failed(exc) from exc
+            c = self._counters
+            c["messages_out"] += 1
+            c["bytes_out"] += len(frame)
+            return
+        # A larger body keeps its own frame: mint, encode, two Cython sends, count.
         header = _encode(
             self._mint(_time_ns(), headers, priority, 0 if ttl is None else ttl_ms(ttl), 1)
         )
-        sock = self._sock
         try:
             try:
                 send_raw(sock, header, NB_MORE)
@@ -433,7 +456,7 @@ class Pusher(_Sender):
             outs = core.batch_take()
             while outs:
                 out = outs[0]
-                if not core.try_first(link.sock, out.frames[0]):
+                if not core.try_first(link.sock, out.frames[0], len(out.frames) > 1):
                     break
                 core.send_rest(link.sock, out.frames)
                 core.sent(out)
@@ -568,9 +591,9 @@ class Router(_Sender, _Receiver):
     ) -> None:
         """Send one message to the peer named `peer` (a dealer's `name=`, or a `msg.peer`)."""
         self._check_open()
-        frames = self._core.routed(peer, body, headers, priority, ttl)
-        self._send(frames, frames[0])
-        self._core.sent_one(frames, 3)
+        out = self._core.routed(peer, body, headers, priority, ttl)
+        self._send(out.frames, out.frames[0])
+        self._core.sent(out)
 
 
 class Dealer(_Sender, _Receiver):
@@ -640,6 +663,6 @@ class Dealer(_Sender, _Receiver):
     ) -> None:
         """Send one message to a connected router (round-robin over several)."""
         self._check_open()
-        frames = self._core.routed(None, body, headers, priority, ttl)
-        self._send(frames)
-        self._core.sent_one(frames, 2)
+        out = self._core.routed(None, body, headers, priority, ttl)
+        self._send(out.frames)
+        self._core.sent(out)

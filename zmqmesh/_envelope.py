@@ -14,6 +14,20 @@ them out of the cyclic garbage collector halves the cost of receiving many
 small messages (a batch of 256 held at once promotes them through the GC
 generations otherwise).
 
+A pipeline message with one small body frame travels as ONE frame, an
+`Inline` header (tag 4) that holds the message's `Data` header and the body
+as msgpack bin: `[4, version, [0, version, sender, seq, ...], body]`. In
+pyzmq every frame costs about as much again as the first (a send, a receive,
+a libzmq message), so halving the frames of a small message is most of what
+separates `[Data, body]` from a bare frame (README, pipeline section).
+Pushers use it for a body of at most `INLINE_MAX` bytes whose frame stays
+within `max_message_size`; a larger body keeps its own frame (sent and
+received without copying into an envelope). Pullers accept both forms, and a
+received message looks the same either way: `Message.header` is the inner
+`Data`, `Message.frames` the one body. Like `Batch`, `Inline` is not part of
+`Header`: only pipeline pullers read it, and the other patterns' decoders
+refuse it like any unexpected frame.
+
 This module is pure: no sockets, no clocks. `now_ns` is passed in.
 """
 
@@ -33,7 +47,9 @@ __all__ = [
     "Codec",
     "Data",
     "Header",
+    "INLINE_MAX",
     "IdSource",
+    "Inline",
     "Message",
     "Reply",
     "decode_header",
@@ -128,6 +144,22 @@ class Batch(msgspec.Struct, tag=3, array_like=True, frozen=True, gc=False):
     body_frames: int = 1
     seq: int = 0
 
+
+class Inline(msgspec.Struct, tag=4, array_like=True, frozen=True, gc=False):
+    """A small single-frame pipeline message as one frame: its Data header and its body.
+
+    `header.body_frames` is 1 (the message has one body frame; it rides
+    here, so no frame follows). See the module docstring for when it is used.
+    """
+
+    version: int
+    header: Data
+    body: bytes
+
+
+#: The largest body a pusher sends inline (in the header's frame); larger
+#: ones keep a frame of their own, handed to ZeroMQ without a copy.
+INLINE_MAX: Final = 2048
 
 Header: TypeAlias = Data | Reply | Ack
 

@@ -1,22 +1,28 @@
 """The pipeline (point-to-point) protocol as sans-I/O machines.
 
-Wire (DESIGN.md section 2): a PUSH/PULL message is `[Data header, body...]`;
-a directed message over DEALER/ROUTER carries the empty delimiter in front,
-`[b"", Data header, body...]`, and the ROUTER sees the sender's routing id
+Wire (DESIGN.md section 2): a PUSH/PULL message is `[Data header, body...]`,
+or, for one body frame of at most `inline_max` bytes (`INLINE_MAX`, 2 KiB),
+the single frame `[Inline header]` that carries the Data header and the
+body together (zmqmesh._envelope explains why); a directed message over
+DEALER/ROUTER carries the empty delimiter in front, `[b"", Data header,
+body...]` (or `[b"", Inline]`), and the ROUTER sees the sender's routing id
 before it (zguide chapter 3, "The Extended Reply Envelope"), like the
 request-reply wire, so a plain REQ/DEALER peer can take part.
 
-- `PushMachine` mints message ids (a per-sender random id plus a counter,
-  `Data.seq`) and, when batching, decides when a batch goes out: when it
-  holds `max_count` messages or `max_bytes` of bodies, when `linger` seconds
-  have passed since its first message (checked on the next `add` with the
-  `now` the driver passes), or when the driver flushes it. A batch is one
-  frame, `[Batch header, msgpack [[Data, body], ...]]`, so many small messages
-  cost one ZeroMQ frame (Kafka's `linger.ms` and `batch.size`).
+- `PushMachine` decides the form (`inlines`), mints message ids (a
+  per-sender random id plus a counter, `Data.seq`) and, when batching,
+  decides when a batch goes out: when it holds `max_count` messages or
+  `max_bytes` of bodies, when `linger` seconds have passed since its first
+  message (checked on the next `add` with the `now` the driver passes), or
+  when the driver flushes it. A batch is one frame, `[Batch header, msgpack
+  [[Data, body], ...]]`, so many small messages cost one ZeroMQ frame
+  (Kafka's `linger.ms` and `batch.size`).
 - `PullMachine` checks what the driver read: the header's version, a TTL
   that ran out (dropped and counted: `expired`), and unpacks batches in
-  order. Bad input (garbage, an unknown version, a truncated message, a body
-  that breaks the header's own frame count) is counted in `decode_errors`
+  order; an inline message is unpacked into the same `Message` as the
+  two-frame form. Bad input (garbage, an unknown version, a truncated
+  message, a body that breaks the header's own frame count, an inline frame
+  that does not decode or has frames after it) is counted in `decode_errors`
   and per reason, logged once per peer and reason, and dropped.
 - `EndpointTracker` turns an endpoint source's events into connects and
   disconnects.
@@ -44,7 +50,7 @@ from zmqmesh import (
     RemoteProtocolError,
     decode_header,
 )
-from zmqmesh._envelope import Batch
+from zmqmesh._envelope import INLINE_MAX, Batch, Inline
 
 from .ppp import LogOnce
 
@@ -118,6 +124,7 @@ class PushMachine:
         "_first_seq",
         "_last",
         "batch",
+        "inline_max",
         "item_max",
         "linger",
         "max_bytes",
@@ -139,6 +146,7 @@ class PushMachine:
         linger: float = DEFAULT_BATCH_LINGER,
         metrics: Metrics | None = None,
         random: Callable[[int], bytes] | None = None,
+        inline_max: int = INLINE_MAX,
     ) -> None:
         if max_count < 1:
             raise LocalProtocolError(f"batch_max_count must be >= 1, not {max_count}")
@@ -154,6 +162,9 @@ class PushMachine:
         self.sender = sender
         self.seq = 0
         self.batch = batch
+        #: The largest single body sent inline (0: never; acked channels keep
+        #: `[Data, body]` so that their spool rows keep the header on its own).
+        self.inline_max = inline_max if inline_max > 0 else -1  # -1: not even an empty body
         self.max_count = max_count
         self._last = max_count - 1  # held messages at which one more fills the batch
         self.max_bytes = max_bytes
@@ -187,6 +198,37 @@ class PushMachine:
             1, self.sender, seq, created_ns, headers or _NO_HEADERS, priority, 1, b"", "", ttl_ms,
             0, body_frames,
         )  # fmt: skip
+
+    def inline(
+        self,
+        body: bytes,
+        created_ns: int,
+        headers: dict[str, str] | None = None,
+        priority: int = 0,
+        ttl_ms: int = 0,
+    ) -> bytes:
+        """The next message as one frame: `Inline(1, Data(...), body)`, encoded.
+
+        For a body `inlines` accepts. The frame is encoded from tuples, which
+        msgspec writes exactly as the two Structs (array_like: `[tag, fields...]`)
+        and 60 ns sooner than building them. A driver whose frame would be
+        over `max_message_size` sends `split(frame)` instead.
+        """
+        seq = self.seq = self.seq + 1
+        return _encode(
+            (4, 1, (0, 1, self.sender, seq, created_ns, headers or _NO_HEADERS, priority, 1, b"",
+             "", ttl_ms, 0, 1), body)
+        )  # fmt: skip
+
+    @staticmethod
+    def split(frame: bytes) -> list[bytes]:
+        """An inline frame as the same message (same seq) in the two-frame form."""
+        inline = _decode_inline(frame)
+        return [_encode(inline.header), inline.body]
+
+    def inlines(self, size: int) -> bool:
+        """Whether a single body frame of `size` bytes goes inline (one frame on the wire)."""
+        return size <= self.inline_max
 
     def add(
         self,
@@ -254,6 +296,7 @@ class PushMachine:
 
 
 _encode: Final = msgspec.msgpack.Encoder().encode
+_decode_inline: Final = msgspec.msgpack.Decoder(Inline).decode
 # A batch's payload: created-at times, bodies, and {index: (headers, priority, ttl_ms)}.
 _Columns = tuple[list[int], list[bytes], dict[int, tuple[dict[str, str], int, int]]]
 
@@ -264,8 +307,9 @@ class PullMachine:
     The driver reads the header frame, decodes it with `decode` (a msgspec
     decoder: garbage raises `msgspec.DecodeError`, handed to `bad_header`),
     reads the body frames and calls `accept_one` (one body frame) or
-    `accept`. Messages unpacked from a batch wait in `ready`; `pop()` hands
-    them out, dropping those whose TTL ran out while they waited.
+    `accept`; an inline frame (the whole message) goes to `accept_inline`.
+    Messages unpacked from a batch wait in `ready`; `pop()` hands them out,
+    dropping those whose TTL ran out while they waited.
     `messages_in` counts messages handed to the application.
     """
 
@@ -294,10 +338,41 @@ class PullMachine:
         self.counters = self.metrics.counters
         for key in _RECV_COUNTERS:
             self.counters.setdefault(key, 0)
-        self.decode: Callable[[Any], Data | Batch] = msgspec.msgpack.Decoder(Data | Batch).decode
+        self.decode: Callable[[Any], Data | Batch | Inline] = msgspec.msgpack.Decoder(
+            Data | Batch | Inline
+        ).decode
         self._batch_decode = msgspec.msgpack.Decoder(_Columns).decode
         self.ready: collections.deque[Message] = collections.deque()
         self._log_once = LogOnce(log)
+
+    def accept_inline(self, inline: Inline, peer: bytes = b"") -> Message | None:
+        """An inline message (one frame, `[Inline]`): the same `Message` as `[Data, body]`.
+
+        Both versions (the Inline's and its Data's) and the TTL are checked;
+        the Data's and the TTL by `accept_one`, as for the two-frame form.
+        """
+        header = inline.header
+        if inline.version == 1 and header.version == 1 and not header.ttl_ms:
+            # The hot path of a puller: accept_one's checks, without its call.
+            c = self.counters
+            c["messages_in"] += 1
+            body = inline.body
+            c["bytes_in"] += len(body)
+            return Message(header, [body], b"", peer)
+        if inline.version != 1:
+            self.bad(
+                peer or inline.header.sender,
+                "unknown_version",
+                f"inline message has unknown protocol version {inline.version} (this zmqmesh "
+                f"speaks {PROTOCOL_VERSION}) from sender {inline.header.sender.hex()}; upgrade "
+                "the older side",
+            )
+            return None
+        return self.accept(header, [inline.body], peer)
+
+    def inline_with_more(self, peer: bytes) -> None:
+        """An inline frame that had frames after it: counted and dropped with them."""
+        self.bad(peer, "garbage", "dropped a message: an inline header with frames after it")
 
     def accept_one(self, header: Data | Batch, body: bytes, peer: bytes = b"") -> Message | None:
         """`accept` for a message of one body frame (the common case, kept short)."""
