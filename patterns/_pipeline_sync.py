@@ -323,6 +323,10 @@ class Pusher(_Sender):
         self._mint = core.machine.header
         self._inline = core.machine.inline
         self._inline_max = core.machine.inline_max
+        # Bodies up to this size take send's hot path (-1: none do); a body over
+        # max_message_size goes the long way round, to be refused there.
+        fast = source is None and not batch
+        self._fast_max = min(self._inline_max, self._limit) if fast else -1
         self._add = core.machine.add
         self._batching = batch
         self._item_max = core.machine.item_max
@@ -348,6 +352,25 @@ class Pusher(_Sender):
         ttl: float | None = None,
     ) -> None:
         """Send one message (see the class docstring for bodies, waiting and batching)."""
+        if type(body) is bytes and len(body) <= self._fast_max:
+            # The hot path (no batching, no source): one inline frame, one Cython send.
+            one = self._inline(
+                body, _time_ns(), headers, priority, 0 if ttl is None else ttl_ms(ttl)
+            )
+            if len(one) <= self._limit:
+                try:
+                    try:
+                        send_raw(self._sock, one, NOBLOCK)
+                    except zmq.Again:
+                        self._wait_first(one, False)
+                except zmq.ZMQError as exc:
+                    raise self._core.failed(exc) from exc
+            else:  # the headers pushed it over the limit: the two-frame form
+                self._send(self._core.machine.split(one))
+            c = self._counters
+            c["messages_out"] += 1
+            c["bytes_out"] += len(body)
+            return
         if self._batching:
             if self._plain and type(body) is bytes and len(body) <= self._item_max:
                 # Batching's hot path: `now` comes from the created-at clock read.
