@@ -34,6 +34,10 @@ pytestmark = pytest.mark.timeout(30)
 ANY = "tcp://127.0.0.1:*"
 SENDER = b"S" * 8
 Ctx = zmq.Context[zmq.Socket[bytes]]
+#: A max_message_size above INLINE_MAX, and a header that fits it alone but not
+#: with a body of 100-200 bytes beside it (the inline frame falls back to two).
+LIMIT = 2 * INLINE_MAX
+BIG = LIMIT - 100
 
 
 class Point(msgspec.Struct):
@@ -68,7 +72,7 @@ def test_push_machine_inline_frame_is_the_inline_struct() -> None:
 
 def test_push_machine_threshold() -> None:
     m = PushMachine(sender=SENDER)
-    assert m.inline_max == INLINE_MAX == 2048
+    assert m.inline_max == INLINE_MAX == 8192
     assert m.inlines(0) and m.inlines(INLINE_MAX) and not m.inlines(INLINE_MAX + 1)
     off = PushMachine(sender=SENDER, inline_max=0)
     assert not off.inlines(0) and not off.inlines(1)
@@ -127,7 +131,7 @@ def raw_pull(ctx: Ctx) -> Iterator[tuple[Pusher, zmq.Socket[bytes]]]:
     sock = make_socket(ctx, zmq.PULL)
     sock.bind("tcp://127.0.0.1:0")
     endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    pusher = Pusher(connect=endpoint, ctx=ctx, max_message_size=4096)
+    pusher = Pusher(connect=endpoint, ctx=ctx, max_message_size=LIMIT)
     try:
         assert pusher.wait_for_peer(5)
         yield pusher, sock
@@ -146,7 +150,7 @@ def test_wire_form_at_the_threshold(raw_pull: tuple[Pusher, zmq.Socket[bytes]]) 
     pusher.send(b"a" * INLINE_MAX)
     pusher.send(b"b" * (INLINE_MAX + 1))
     pusher.send([b"two", b"frames"])
-    pusher.send(b"c" * 200, headers={"k": "v" * 4000})  # over 4096 inline: two frames
+    pusher.send(b"c" * 200, headers={"k": "v" * BIG})  # over LIMIT inline: two frames
     (one,) = _recv_frames(sock)
     inline = msgspec.msgpack.decode(one, type=Inline)
     assert (inline.body, inline.header.seq, inline.header.body_frames) == (
@@ -158,14 +162,14 @@ def test_wire_form_at_the_threshold(raw_pull: tuple[Pusher, zmq.Socket[bytes]]) 
     assert msgspec.msgpack.decode(header, type=Data).seq == 2 and body == b"b" * (INLINE_MAX + 1)
     assert len(_recv_frames(sock)) == 3
     header, body = _recv_frames(sock)
-    assert msgspec.msgpack.decode(header, type=Data).headers == {"k": "v" * 4000}
+    assert msgspec.msgpack.decode(header, type=Data).headers == {"k": "v" * BIG}
     assert body == b"c" * 200
     assert pusher.metrics.get("messages_out") == 4
 
 
 def test_round_trip_both_sides_of_the_threshold(ctx: Ctx) -> None:
-    puller = Puller(bind=ANY, ctx=ctx, max_message_size=4096)
-    pusher = Pusher(connect=puller.endpoints[0], ctx=ctx, max_message_size=4096)
+    puller = Puller(bind=ANY, ctx=ctx, max_message_size=LIMIT)
+    pusher = Pusher(connect=puller.endpoints[0], ctx=ctx, max_message_size=LIMIT)
     try:
         assert pusher.wait_for_peer(5)
         bodies = [b"", b"x", b"y" * INLINE_MAX, b"z" * (INLINE_MAX + 1)]
@@ -173,7 +177,7 @@ def test_round_trip_both_sides_of_the_threshold(ctx: Ctx) -> None:
             pusher.send(body, headers={"n": str(len(body))}, priority=2, ttl=60)
         pusher.send("text")
         pusher.send(Point(1, 2))
-        pusher.send(b"w" * 100, headers={"big": "h" * 4000})  # falls back to two frames
+        pusher.send(b"w" * 100, headers={"big": "h" * BIG})  # falls back to two frames
         for i, body in enumerate(bodies, 1):
             msg = puller.recv(5)
             assert (msg.body, msg.frames, msg.header.seq) == (body, [body], i)
@@ -182,7 +186,7 @@ def test_round_trip_both_sides_of_the_threshold(ctx: Ctx) -> None:
         assert puller.recv(5).body == b"text"
         assert puller.recv_as(Point, 5) == Point(1, 2)
         last = puller.recv(5)
-        assert last.body == b"w" * 100 and last.header.headers == {"big": "h" * 4000}
+        assert last.body == b"w" * 100 and last.header.headers == {"big": "h" * BIG}
         c = puller.metrics.counters
         assert c["messages_in"] == 7 and c["decode_errors"] == 0
         assert c["bytes_in"] == pusher.metrics.get("bytes_out")
@@ -279,17 +283,17 @@ async def test_async_twins_inline() -> None:
     actx = zmq.asyncio.Context()
     try:
         async with (
-            AsyncPuller(bind=ANY, ctx=actx, max_message_size=4096) as puller,
-            AsyncPusher(connect=puller.endpoints[0], ctx=actx, max_message_size=4096) as pusher,
+            AsyncPuller(bind=ANY, ctx=actx, max_message_size=LIMIT) as puller,
+            AsyncPusher(connect=puller.endpoints[0], ctx=actx, max_message_size=LIMIT) as pusher,
         ):
             assert await pusher.wait_for_peer(5)
             await pusher.send(b"a" * INLINE_MAX, ttl=30)
             await pusher.send(b"b" * (INLINE_MAX + 1))
-            await pusher.send(b"c" * 100, headers={"big": "h" * 4000})  # two frames
+            await pusher.send(b"c" * 100, headers={"big": "h" * BIG})  # two frames
             first = await puller.recv(5)
             assert first.body == b"a" * INLINE_MAX and first.header.ttl_ms == 30_000
             assert (await puller.recv(5)).body == b"b" * (INLINE_MAX + 1)
-            assert (await puller.recv(5)).header.headers == {"big": "h" * 4000}
+            assert (await puller.recv(5)).header.headers == {"big": "h" * BIG}
             assert pusher.metrics.get("messages_out") == 3
             assert puller.metrics.get("bytes_in") == pusher.metrics.get("bytes_out")
     finally:
@@ -316,3 +320,23 @@ def test_acked_channel_keeps_two_frames_and_reads_inline(ctx: Ctx, tmp_path: Pat
         close_socket(raw)
         pusher.close()
         puller.close()
+
+
+def test_mixed_forms_switch_the_first_frame_read(
+    raw_push: tuple[zmq.Socket[bytes], Puller],
+) -> None:
+    sock, puller = raw_push
+    m = puller._machine
+    old = encode_header(Data(PROTOCOL_VERSION, SENDER, 1, time.time_ns(), body_frames=1))
+    assert m.inline_next  # a fresh puller expects the inline form
+    sock.send_multipart([old, b"two frames"])
+    assert puller.recv(5).body == b"two frames" and not m.inline_next
+    # Read as a Frame now: an inline frame with frames after it is dropped whole.
+    sock.send_multipart([_inline(2, b"dropped"), b"extra"])
+    sock.send(_inline(3, b"inline again"))
+    assert puller.recv(5).body == b"inline again" and m.inline_next
+    sock.send_multipart([old, b"and back"])
+    sock.send(_inline(4, b"last"))
+    assert [puller.recv(5).body for _ in range(2)] == [b"and back", b"last"]
+    c = puller.metrics.counters
+    assert c["decode_errors_garbage"] == 1 and c["messages_in"] == 4

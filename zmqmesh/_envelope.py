@@ -159,7 +159,7 @@ class Inline(msgspec.Struct, tag=4, array_like=True, frozen=True, gc=False):
 
 #: The largest body a pusher sends inline (in the header's frame); larger
 #: ones keep a frame of their own, handed to ZeroMQ without a copy.
-INLINE_MAX: Final = 2048
+INLINE_MAX: Final = 8192
 
 Header: TypeAlias = Data | Reply | Ack
 

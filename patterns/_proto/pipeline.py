@@ -1,7 +1,7 @@
 """The pipeline (point-to-point) protocol as sans-I/O machines.
 
 Wire (DESIGN.md section 2): a PUSH/PULL message is `[Data header, body...]`,
-or, for one body frame of at most `inline_max` bytes (`INLINE_MAX`, 2 KiB),
+or, for one body frame of at most `inline_max` bytes (`INLINE_MAX`, 8 KiB),
 the single frame `[Inline header]` that carries the Data header and the
 body together (zmqmesh._envelope explains why); a directed message over
 DEALER/ROUTER carries the empty delimiter in front, `[b"", Data header,
@@ -319,6 +319,7 @@ class PullMachine:
         "_wall_ns",
         "counters",
         "decode",
+        "inline_next",
         "metrics",
         "name",
         "ready",
@@ -344,6 +345,10 @@ class PullMachine:
         self._batch_decode = msgspec.msgpack.Decoder(_Columns).decode
         self.ready: collections.deque[Message] = collections.deque()
         self._log_once = LogOnce(log)
+        #: A hint for the driver, never a rule: whether the next message is
+        #: likely inline (the last one was), so that it reads the first frame
+        #: the way that is cheaper for that form. Both reads take both forms.
+        self.inline_next = True
 
     def accept_inline(self, inline: Inline, peer: bytes = b"") -> Message | None:
         """An inline message (one frame, `[Inline]`): the same `Message` as `[Data, body]`.
