@@ -30,6 +30,7 @@ from zmqmesh import (
     make_socket,
     parse_endpoint,
 )
+from zmqmesh._envelope import INLINE_MAX, Inline
 from zmqmesh.testing import ManualClock
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -49,6 +50,19 @@ def test_header_roundtrip_every_kind() -> None:
         assert decode_header(encode_header(header)) == header
     assert len(data.message_id) == 16 and data.message_id.startswith(ids.sender)
     assert not reply.ok
+
+
+def test_inline_header_is_data_plus_body_and_not_a_header() -> None:
+    data = Data(PROTOCOL_VERSION, b"s" * 8, 3, 123, {"k": "v"}, ttl_ms=5, body_frames=1)
+    frame = msgspec.msgpack.encode(Inline(PROTOCOL_VERSION, data, b"body"))
+    # The wire: [4, version, [0, version, Data fields...], body] (array_like, tagged).
+    assert msgspec.msgpack.decode(frame)[:2] == [4, PROTOCOL_VERSION]
+    assert msgspec.msgpack.decode(frame)[2][:4] == [0, PROTOCOL_VERSION, b"s" * 8, 3]
+    assert msgspec.msgpack.decode(frame, type=Inline) == Inline(1, data, b"body")
+    assert INLINE_MAX == 8192
+    # Like Batch, it is pipeline-only: the other patterns' decoder refuses it.
+    with pytest.raises(RemoteProtocolError, match="does not match"):
+        decode_header(frame)
 
 
 def test_message_ids_unique_and_sequenced() -> None:
