@@ -22,12 +22,14 @@ from patterns.pipeline import AsyncPuller, AsyncPusher, Dealer, Puller, Pusher, 
 from zmqmesh import (
     PROTOCOL_VERSION,
     Data,
+    Metrics,
     close_socket,
     connect,
     encode_header,
     make_socket,
 )
-from zmqmesh._envelope import INLINE_MAX, Inline
+from zmqmesh._envelope import INLINE_MAX, Inline, inline_data
+from zmqmesh._metrics import observe_age
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -120,6 +122,14 @@ def test_pull_machine_garbage_inline_frame() -> None:
     assert m.counters["decode_errors_garbage"] == 3
     m.inline_with_more(b"p")
     assert m.counters["decode_errors_garbage"] == 4 and m.counters["decode_errors"] == 4
+
+
+def test_relays_sample_the_age_of_inline_frames() -> None:
+    metrics = Metrics("relay")
+    observe_age(metrics, _inline(1, created_ns=time.time_ns() - 10**9))
+    observe_age(metrics, b"\xc1 not a header")  # skipped, not an error
+    assert metrics.snapshot()["latency_count"] == 1
+    assert inline_data(_inline(5)) is not None and inline_data(b"junk") is None
 
 
 # -------------------------------------------------------------------- sockets

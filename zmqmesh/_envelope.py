@@ -55,6 +55,7 @@ __all__ = [
     "decode_header",
     "encode_body",
     "encode_header",
+    "inline_data",
     "message_id",
 ]
 
@@ -166,11 +167,20 @@ Header: TypeAlias = Data | Reply | Ack
 _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(Header)
 _raw_decoder: Final = msgspec.msgpack.Decoder()
+_inline_decoder: Final = msgspec.msgpack.Decoder(Inline)
 
 
 def message_id(sender: bytes, seq: int) -> bytes:
     """The 16-byte message id: sender id then big-endian sequence number."""
     return sender + seq.to_bytes(8, "big")
+
+
+def inline_data(frame: bytes | memoryview) -> Data | None:
+    """The Data header of an inline pipeline frame; None for anything else (never raises)."""
+    try:
+        return _inline_decoder.decode(frame).header
+    except msgspec.DecodeError:
+        return None
 
 
 def encode_header(header: Header) -> bytes:

@@ -12,7 +12,7 @@ import bisect
 import time
 from typing import Final
 
-from ._envelope import Data, Reply, decode_header
+from ._envelope import Data, Reply, decode_header, inline_data
 from ._errors import RemoteProtocolError
 
 __all__ = ["Histogram", "Metrics", "observe_age", "render_prometheus"]
@@ -98,14 +98,15 @@ def observe_age(metrics: Metrics, header: bytes, name: str = "latency") -> None:
     Relays call this once per wake-up with the header of the last message of
     the batch, not per message: one decode (~0.25 us) per batch of up to
     hundreds keeps the hot path cheap, and under light load every message is
-    one batch, so it is still seen. Frames that are not a zmqmesh header (a
-    plain REQ client, a pipeline `Batch`) are skipped, not counted as errors.
+    one batch, so it is still seen. A pipeline `Inline` frame is read for its
+    Data header. Frames that are not a zmqmesh header (a plain REQ client, a
+    pipeline `Batch`) are skipped, not counted as errors.
     The age compares two hosts' wall clocks when the sender is remote.
     """
     try:
-        h = decode_header(header)
+        h: object = decode_header(header)
     except RemoteProtocolError:
-        return
+        h = inline_data(header)  # a small pipeline message: one Inline frame
     if type(h) is Data or type(h) is Reply:
         age = (time.time_ns() - h.created_ns) / 1e9
         metrics.observe(name, age if age > 0.0 else 0.0)
