@@ -13,6 +13,8 @@ So frames go through the Cython methods of `zmq.backend.Socket` directly
 DRAFT routing-id and group handling), and message boundaries come from
 `Frame.more` (a `copy=False` receive) plus the header's stated
 `body_frames`, which lets the last body frame be a cheaper copying receive.
+An inline message (zmqmesh._envelope) is one frame: a PULL reads it by a
+copying receive while such messages flow (see `read_pull`).
 """
 
 from __future__ import annotations

@@ -405,26 +405,10 @@ class Pusher(_Sender):
             return
         else:
             frame = self._core.frame(body)
-        sock = self._sock
-        if len(frame) <= self._inline_max:
-            # The hot path, inlined: one frame carries the header and the body.
-            one = self._inline(
-                frame, _time_ns(), headers, priority, 0 if ttl is None else ttl_ms(ttl)
-            )
-            if len(one) > self._limit:  # headers pushed it over: the two-frame form
-                self._send(self._core.machine.split(one))
-            else:
-                try:
-                    try:
-                        send_raw(sock, one, NOBLOCK)
-                    except zmq.Again:
-                        self._wait_first(one, False)
-                except zmq.ZMQError as exc:
-                    raise self._core.failed(exc) from exc
-            c = self._counters
-            c["messages_out"] += 1
-            c["bytes_out"] += len(frame)
+        if len(frame) <= self._inline_max:  # a str or Struct body, or with a source
+            self._send_out([self._core.single(frame, headers, priority, ttl)])
             return
+        sock = self._sock
         # A larger body keeps its own frame: mint, encode, two Cython sends, count.
         header = _encode(
             self._mint(_time_ns(), headers, priority, 0 if ttl is None else ttl_ms(ttl), 1)
