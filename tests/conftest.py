@@ -9,6 +9,8 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
+from tests._tools import Tool
+
 
 @pytest.fixture(autouse=True)
 def no_leaked_threads() -> Iterator[None]:
@@ -44,3 +46,14 @@ def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
     t.start()
     t.join(5.0)
     assert done.is_set(), "a socket was left open: zmq.Context.term() did not return in 5 s"
+
+
+@pytest.fixture
+def tools() -> Iterator[list[Tool]]:
+    """`zmqmesh` child processes a test starts (append them); SIGKILLed at the end if alive."""
+    started: list[Tool] = []
+    try:
+        yield started
+    finally:
+        for tool in started:
+            tool.kill()

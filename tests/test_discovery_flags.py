@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import queue
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Any
 
 import pytest
 
 from discovery import Discovery
 from tests._netns import ensure_loopback_multicast
+from tests._tools import Tool
 from zmqmesh.cli import main
 
 pytestmark = pytest.mark.timeout(60)
@@ -33,64 +29,6 @@ def _loopback_multicast() -> None:
 @pytest.fixture
 def svc() -> str:
     return f"flags-{uuid.uuid4().hex[:8]}"
-
-
-class Tool:
-    """`python -m zmqmesh ARGS` with its stdout and stderr lines on queues."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "zmqmesh", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        self.out: queue.SimpleQueue[str] = queue.SimpleQueue()
-        self.err: list[str] = []
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        self._threads = [
-            threading.Thread(target=self._read, args=(self.proc.stdout, self.out.put)),
-            threading.Thread(target=self._read, args=(self.proc.stderr, self.err.append)),
-        ]
-        for t in self._threads:
-            t.start()
-
-    @staticmethod
-    def _read(stream: IO[str], put: Any) -> None:
-        for line in stream:
-            put(line.rstrip("\n"))
-
-    def line(self, timeout: float = 15.0) -> str:
-        try:
-            return self.out.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(
-                f"no output within {timeout} s; stderr: {' / '.join(self.err)}"
-            ) from None
-
-    def wait(self, timeout: float = 20.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"still running; stderr: {' / '.join(self.err)}") from None
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-        for t in self._threads:
-            t.join(5)
-
-
-@pytest.fixture
-def tools() -> Iterator[list[Tool]]:
-    started: list[Tool] = []
-    try:
-        yield started
-    finally:
-        for tool in started:
-            tool.kill()
 
 
 def test_queue_worker_req_by_service_name(tools: list[Tool], svc: str) -> None:
