@@ -406,7 +406,7 @@ class AsyncAckedPuller(AsyncPuller):
                     raise
                 send_acks(plain, ledger, self.metrics)
             self._current = mid
-            return Delivered(msg, begun)
+            return Delivered.of(msg, begun)
 
     async def ack(self, msg: Message) -> None:
         """`msg` is done: its ack (and de-dup record) goes with the next group."""

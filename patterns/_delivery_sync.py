@@ -386,7 +386,7 @@ class AckedPuller(Puller):
                 # The done marks went with that commit: their acks may go now.
                 self._send_acks()
             self._current = mid
-            return Delivered(msg, begun)
+            return Delivered.of(msg, begun)
 
     def ack(self, msg: Message) -> None:
         """`msg` is done: its ack (and de-dup record) goes with the next group."""

@@ -300,18 +300,24 @@ def encode_body(body: object) -> bytes | memoryview:
         raise LocalProtocolError(f"cannot encode a {type(body).__name__} body: {exc}") from exc
 
 
-class Message:
-    """A received message: its header and its body frames (and topic or peer, if any)."""
+class Message(msgspec.Struct, eq=False, gc=False):
+    """A received message: its header and its body frames (and topic or peer, if any).
 
-    __slots__ = ("frames", "header", "peer", "topic")
+    A Struct rather than a plain class because building one is on every
+    receive: msgspec's C constructor costs about 70 ns here against 165 ns
+    for a Python `__init__` with four slots, most of what separates a puller
+    from a raw PULL after the receive itself. `eq=False` keeps the identity
+    comparison (and hashing) of a plain object. `gc=False`: a message holds
+    a header (never in a cycle) and lists of bytes, so it cannot be part of
+    a reference cycle unless a caller puts it in its own frames, and keeping
+    it out of the cyclic GC spares every receive the tracking. Subclasses
+    (`ServerRequest`, `Delivered`) append fields with defaults.
+    """
 
-    def __init__(
-        self, header: Data, frames: list[bytes], topic: bytes = b"", peer: bytes = b""
-    ) -> None:
-        self.header = header
-        self.frames = frames
-        self.topic = topic
-        self.peer = peer
+    header: Data
+    frames: list[bytes]
+    topic: bytes = b""
+    peer: bytes = b""
 
     @property
     def body(self) -> bytes:

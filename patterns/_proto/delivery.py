@@ -88,11 +88,12 @@ class Delivered(Message):
     not have happened, so it should check before doing it again.
     """
 
-    __slots__ = ("in_doubt",)
+    in_doubt: bool = False
 
-    def __init__(self, msg: Message, in_doubt: bool = False) -> None:
-        super().__init__(msg.header, msg.frames, msg.topic, msg.peer)
-        self.in_doubt = in_doubt
+    @classmethod
+    def of(cls, msg: Message, in_doubt: bool = False) -> Delivered:
+        """`msg` as delivered (Message is a Struct: no `__init__` to override)."""
+        return cls(msg.header, msg.frames, msg.topic, msg.peer, in_doubt)
 
 
 class _InFlight:

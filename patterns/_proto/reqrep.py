@@ -559,26 +559,11 @@ class ServerRequest(Message):
     cold caches, and costs several times what a warm loop suggests.
     """
 
-    __slots__ = ("cid", "envelope", "raw")
-
-    def __init__(
-        self,
-        header: Data,
-        frames: list[bytes],
-        peer: bytes,
-        envelope: list[bytes],
-        cid: bytes,
-        raw: bool,
-    ) -> None:
-        # Message's four slots, set here rather than through Message.__init__
-        # (one call less per request; a test checks that none is missed).
-        self.header = header
-        self.frames = frames
-        self.topic = b""
-        self.peer = peer
-        self.envelope = envelope  # the routing frames, replayed in front of the reply
-        self.cid = cid  # the correlation id the reply echoes (b"" for a raw request)
-        self.raw = raw  # a plain REQ client's request: the reply carries no header
+    # Fields appended to Message's (a Struct, so no __init__ of its own):
+    # build one as `ServerRequest(header, frames, b"", peer, envelope, cid, raw)`.
+    envelope: list[bytes] = []  # the routing frames, replayed in front of the reply
+    cid: bytes = b""  # the correlation id the reply echoes (b"" for a raw request)
+    raw: bool = False  # a plain REQ client's request: the reply carries no header
 
 
 class ServerMachine:
@@ -617,7 +602,7 @@ class ServerMachine:
                 body = frames[3]
                 c["bytes_in"] += len(body)
                 cid = header.correlation_id or header.message_id
-                return ServerRequest(header, [body], frames[0], [frames[0]], cid, False)
+                return ServerRequest(header, [body], b"", frames[0], [frames[0]], cid, False)
         return self._parse(frames)
 
     def _parse(self, frames: list[bytes]) -> ServerRequest | None:
@@ -639,7 +624,7 @@ class ServerMachine:
                 c["messages_in"] += 1
                 c["raw_requests"] += 1
                 c["bytes_in"] += len(first)
-                return ServerRequest(RAW_HEADER, [first], peer, frames[:i], b"", True)
+                return ServerRequest(RAW_HEADER, [first], b"", peer, frames[:i], b"", True)
             self._garbage(peer, f"a request: {exc}")
             return None
         if type(header) is not Data:
@@ -652,7 +637,7 @@ class ServerMachine:
         c["messages_in"] += 1
         c["bytes_in"] += sum(map(len, body))
         cid = header.correlation_id or header.message_id
-        return ServerRequest(header, body, peer, frames[:i], cid, False)
+        return ServerRequest(header, body, b"", peer, frames[:i], cid, False)
 
     def reply(self, request: ServerRequest, body: list[bytes]) -> list[bytes]:
         """The frames answering `request` with `body` (a raw request gets the raw body)."""
