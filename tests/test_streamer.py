@@ -9,6 +9,7 @@ import zmq.asyncio
 
 from patterns.streamer import AsyncStreamer, Streamer
 from zmqmesh import close_socket, connect, make_socket
+from zmqmesh.testing import wait_until
 
 
 def test_streamer_forwards_and_counts(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
@@ -25,7 +26,8 @@ def test_streamer_forwards_and_counts(ctx: zmq.Context[zmq.Socket[bytes]]) -> No
                 assert pull.poll(5000)
                 got.append(pull.recv_multipart())
             assert got == [[b"h", str(i).encode()] for i in range(100)]
-            assert streamer.metrics.get("messages_in") == 100
+            # The streamer counts a burst after forwarding it: wait for the count.
+            wait_until(lambda: streamer.metrics.get("messages_in") == 100, 5, what="100 counted")
         finally:
             close_socket(push)
             close_socket(pull)
