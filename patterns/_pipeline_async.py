@@ -11,6 +11,7 @@ even while a batch timer flushes between them. Re-exported by
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import collections
 import contextlib
@@ -164,15 +165,16 @@ class _AsyncSender(_AsyncEnd):
                 return False
 
 
-class _AsyncReceiver(_AsyncEnd):
+class _AsyncReceiver(_AsyncEnd, abc.ABC):
     """Receiving with awaits, shared by `AsyncPuller`, `AsyncRouter` and `AsyncDealer`."""
 
     _machine: PullMachine
     _ready: collections.deque[Message]
 
     @staticmethod
+    @abc.abstractmethod
     def _read(sock: Any, m: PullMachine, flags: int) -> Message | None:
-        raise NotImplementedError
+        """One whole message off `sock`, through the machine (each socket type its own way)."""
 
     async def recv(self, timeout: float | None = None) -> Message:
         """The next message; `Timeout` when none came within `timeout` seconds."""

@@ -19,6 +19,7 @@ Typical use (a pusher with at-least-once delivery)::
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import heapq
 import itertools
@@ -72,7 +73,7 @@ class _WallClock:
         return time.time()
 
 
-class _SpoolBase:
+class _SpoolBase(abc.ABC):
     """What `Spool` and `AsyncSpool` share: options, reads, and building write ops."""
 
     def __init__(
@@ -123,9 +124,9 @@ class _SpoolBase:
         )
         self._start()
 
+    @abc.abstractmethod
     def _start(self) -> None:
         """Start the writer thread (which opens the file)."""
-        raise NotImplementedError
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.path} fsync={self.policy}>"

@@ -25,6 +25,7 @@ socket's monitor off before its reader is closed.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import errno
@@ -191,7 +192,7 @@ class ZapGuard:
         return f"ZapGuard({self.name!r}, domain={self.domain!r}, allow={self.store!r})"
 
 
-class _ZapBase:
+class _ZapBase(abc.ABC):
     """What both authenticators share: domains, allow-list checks, refusal logs."""
 
     def __init__(self, ctx: zmq.Context[Any] | None, metrics: Metrics | None) -> None:
@@ -276,14 +277,17 @@ class _ZapBase:
             guard._detach()
         self._guards.clear()
 
+    @abc.abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop answering ZAP requests (each authenticator its own way)."""
 
+    @abc.abstractmethod
     def _watch(self, address: str, guard: ZapGuard) -> None:
-        raise NotImplementedError
+        """Read the guarded socket's monitor at `address` (a thread or a task)."""
 
+    @abc.abstractmethod
     def _unwatch(self, guard: ZapGuard) -> None:
-        raise NotImplementedError
+        """Stop reading that monitor."""
 
     def _start_zap(self, zap: _ZmqAuthenticator) -> None:
         # The "*" domain answers CURVE servers in this context that zmqmesh does
