@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from patterns.pirate import Worker
 from patterns.pubsub import Publisher, Subscriber
 from patterns.reqrep import Client
-from tests._relay_helpers import RelayProcess, wait_until
+from tests._relay_helpers import RelayProcess
 from zmqmesh import (
     PROTOCOL_VERSION,
     Data,
@@ -41,6 +41,7 @@ from zmqmesh._commands._relay_node import RelayNode
 from zmqmesh._commands.stats import fetch_stats, format_table
 from zmqmesh._config import parse_config
 from zmqmesh.cli import main
+from zmqmesh.testing import async_wait_until, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -277,7 +278,7 @@ def test_sigterm_under_load_answers_every_request_the_queue_took(
                    for _ in range(2)]  # fmt: skip
         for t in threads:
             t.start()
-        wait_until(lambda: sum(answered) >= 40, 20, "40 answered requests")
+        wait_until(lambda: sum(answered) >= 40, 20, what="40 answered requests")
         t0 = time.monotonic()
         assert relay.terminate(timeout=20) == 0
         assert time.monotonic() - t0 < 10
@@ -309,10 +310,12 @@ def test_a_second_signal_stops_at_once(tmp_path: pathlib.Path, ctx: Ctx) -> None
         connect(dealer, relay.endpoints["jobs"]["frontend"])
         dealer.send_multipart([b"", b"plain request"])
         wait_until(
-            lambda: fetch_stats(relay.control, 5)["jobs"]["messages_in"] == 1, 10, "the request"
+            lambda: fetch_stats(relay.control, 5)["jobs"]["messages_in"] == 1,
+            10,
+            what="the request",
         )
         relay.proc.send_signal(signal.SIGTERM)
-        wait_until(lambda: any("draining" in line for line in relay.stderr), 10, "the drain")
+        wait_until(lambda: any("draining" in line for line in relay.stderr), 10, what="the drain")
         t0 = time.monotonic()
         assert relay.terminate(timeout=10) == 128 + signal.SIGTERM
         assert time.monotonic() - t0 < 5
@@ -484,7 +487,7 @@ check_gaps = true
                           created_ns=time.time_ns(), topic_seq=seq)  # fmt: skip
             pub.send_multipart([b"t", encode_header(header), b"x"])
         m = node.metrics()[0]
-        wait_until(lambda: m.counters.get("messages_missed") == 5, 10, "the gaps counted")
+        wait_until(lambda: m.counters.get("messages_missed") == 5, 10, what="the gaps counted")
         assert m.counters["sequence_gaps"] == 2 and m.counters["messages_in"] == 5
     finally:
         close_socket(pub)
@@ -533,8 +536,7 @@ def test_queue_drain_answers_held_requests_both_twins(ctx: Ctx) -> None:
         try:
             slow.clear()
             th = ask(aq.frontend_endpoints[0], agot)
-            while not slow.is_set():
-                await asyncio.sleep(0.01)
+            await async_wait_until(slow.is_set, 10, what="the handler holding the request")
             assert await aq.drain(5.0) is True
             await asyncio.to_thread(th.join, 10)
             assert agot == [b"held"]

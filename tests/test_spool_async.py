@@ -10,6 +10,7 @@ import pytest
 
 from zmqmesh import AsyncSpool, ClosedError, CorruptRecord, LocalProtocolError, Spool, SpoolFull
 from zmqmesh._deadletter import Attempt, DeadLetter
+from zmqmesh.testing import async_wait_until
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -63,8 +64,7 @@ async def test_async_full_refuse_and_block(tmp_path):
     async with AsyncSpool(tmp_path / "b.spool", max_count=2, full_timeout=5) as spool:
         first, _ = await spool.append_many([b"1", b"2"])
         blocked = asyncio.create_task(spool.append(b"3"))
-        while spool._e.blocked == 0:  # a condition, polled: the append is now waiting
-            await asyncio.sleep(0.001)
+        await async_wait_until(lambda: spool._e.blocked, 5, what="the append to block")
         assert not blocked.done()
         await spool.ack(first)
         assert await asyncio.wait_for(blocked, 5) == first + 2
