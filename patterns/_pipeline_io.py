@@ -62,6 +62,7 @@ __all__ = [
     "peer_id",
     "read_dealer",
     "read_pull",
+    "read_pull_after",
     "read_router",
     "recv_error",
     "recv_raw",
@@ -188,7 +189,11 @@ def read_pull(sock: Any, m: PullMachine, flags: int) -> Message | None:
     """
     if not m.inline_next:
         return _read_pull_frame(sock, m, flags)
-    first = recv_raw(sock, flags)
+    return read_pull_after(sock, m, recv_raw(sock, flags))
+
+
+def read_pull_after(sock: Any, m: PullMachine, first: bytes) -> Message | None:
+    """`read_pull` once its first frame has been read by copy (as `first`)."""
     try:
         header = m.decode(first)
     except _DecodeError as exc:

@@ -41,8 +41,10 @@ from ._pipeline_io import (
     name_id,
     read_dealer,
     read_pull,
+    read_pull_after,
     read_router,
     recv_error,
+    recv_raw,
     send_raw,
     wait_ms,
 )
@@ -52,6 +54,7 @@ from ._proto.pipeline import (
     DEFAULT_BATCH_COUNT,
     DEFAULT_BATCH_LINGER,
     HOLD,
+    PLAIN_INLINE_OVERHEAD,
     SEND,
     PullMachine,
     ttl_ms,
@@ -326,7 +329,7 @@ class Pusher(_Sender):
         # Bodies up to this size take send's hot path (-1: none do); a body over
         # max_message_size goes the long way round, to be refused there.
         fast = source is None and not batch
-        self._fast_max = min(self._inline_max, self._limit) if fast else -1
+        self._fast_max = min(self._inline_max, self._limit - PLAIN_INLINE_OVERHEAD) if fast else -1
         self._add = core.machine.add
         self._batching = batch
         self._item_max = core.machine.item_max
@@ -354,19 +357,24 @@ class Pusher(_Sender):
         """Send one message (see the class docstring for bodies, waiting and batching)."""
         if type(body) is bytes and len(body) <= self._fast_max:
             # The hot path (no batching, no source): one inline frame, one Cython send.
-            one = self._inline(
-                body, _time_ns(), headers, priority, 0 if ttl is None else ttl_ms(ttl)
-            )
-            if len(one) <= self._limit:
+            if headers is None and not priority and ttl is None:
+                # A plain frame is within max_message_size by `_fast_max`'s making.
+                one = self._inline(body, _time_ns())
+            else:
+                one = self._inline(
+                    body, _time_ns(), headers, priority, 0 if ttl is None else ttl_ms(ttl)
+                )
+                if len(one) > self._limit:  # the headers pushed it over: two frames
+                    split = self._core.machine.split(one)
+                    self._send_out([Outgoing(split, 1, len(body), False)])
+                    return
+            try:
                 try:
-                    try:
-                        send_raw(self._sock, one, NOBLOCK)
-                    except zmq.Again:
-                        self._wait_first(one, False)
-                except zmq.ZMQError as exc:
-                    raise self._core.failed(exc) from exc
-            else:  # the headers pushed it over the limit: the two-frame form
-                self._send(self._core.machine.split(one))
+                    send_raw(self._sock, one, NOBLOCK)
+                except zmq.Again:
+                    self._wait_first(one, False)
+            except zmq.ZMQError as exc:
+                raise self._core.failed(exc) from exc
             c = self._counters
             c["messages_out"] += 1
             c["bytes_out"] += len(body)
@@ -532,8 +540,27 @@ class Puller(_Receiver):
             name=self._what,
             metrics=self.metrics,
         )
+        self._sock = self._link.sock
+        self._plain = source is None
 
     _read = staticmethod(read_pull)
+
+    def recv(self, timeout: float | None = None) -> Message:
+        """The next message; `Timeout` when none came within `timeout` seconds."""
+        m = self._machine
+        if timeout is None and m.inline_next and self._plain and not self._ready:
+            # The hot path while inline messages flow: one copying read, one call.
+            sock = self._sock
+            try:
+                first = recv_raw(sock, 0)
+                msg = m.take_inline(first)
+                if msg is None:
+                    msg = read_pull_after(sock, m, first)
+            except zmq.ZMQError as exc:
+                raise recv_error(exc, f"{self._what}: receiving") from exc
+            if msg is not None:
+                return msg
+        return super().recv(timeout)
 
 
 class Router(_Sender, _Receiver):

@@ -64,12 +64,18 @@ def test_push_machine_inline_frame_is_the_inline_struct() -> None:
     m = PushMachine(sender=SENDER)
     frame = m.inline(b"hello", 123, {"k": "v"}, 2, 500)
     got = msgspec.msgpack.decode(frame, type=Inline)
-    want = Data(1, SENDER, 1, 123, {"k": "v"}, 2, 1, b"", "", 500, 0, 1)
+    # An inline header does not state its body frame count (the body rides along).
+    want = Data(1, SENDER, 1, 123, {"k": "v"}, 2, 1, b"", "", 500, 0, 0)
     assert got == Inline(PROTOCOL_VERSION, want, b"hello")
-    assert msgspec.msgpack.decode(m.inline(b"", 5), type=Inline).header.seq == 2
-    # The two-frame form of the same message (same seq), for a frame over the limit.
+    # A plain message leaves out the header fields after created_ns (all defaults).
+    plain = m.inline(b"", 5)
+    assert msgspec.msgpack.decode(plain)[2] == [0, PROTOCOL_VERSION, SENDER, 2, 5]
+    assert msgspec.msgpack.decode(plain, type=Inline).header == Data(1, SENDER, 2, 5)
+    # The two-frame form of the same message (same seq), for a frame over the limit,
+    # states its one body frame.
     header, body = m.split(frame)
-    assert (msgspec.msgpack.decode(header, type=Data), body) == (want, b"hello")
+    two = msgspec.structs.replace(want, body_frames=1)
+    assert (msgspec.msgpack.decode(header, type=Data), body) == (two, b"hello")
 
 
 def test_push_machine_threshold() -> None:
@@ -166,7 +172,7 @@ def test_wire_form_at_the_threshold(raw_pull: tuple[Pusher, zmq.Socket[bytes]]) 
     assert (inline.body, inline.header.seq, inline.header.body_frames) == (
         b"a" * INLINE_MAX,
         1,
-        1,
+        0,
     )
     header, body = _recv_frames(sock)
     assert msgspec.msgpack.decode(header, type=Data).seq == 2 and body == b"b" * (INLINE_MAX + 1)
@@ -192,7 +198,9 @@ def test_round_trip_both_sides_of_the_threshold(ctx: Ctx) -> None:
             msg = puller.recv(5)
             assert (msg.body, msg.frames, msg.header.seq) == (body, [body], i)
             assert (msg.header.headers, msg.header.priority) == ({"n": str(len(body))}, 2)
-            assert msg.header.ttl_ms == 60_000 and msg.header.body_frames == 1
+            assert msg.header.ttl_ms == 60_000
+            # The wire's frame count: not stated inline (one frame), 1 in the two-frame form.
+            assert msg.header.body_frames == (0 if len(body) <= INLINE_MAX else 1)
         assert puller.recv(5).body == b"text"
         assert puller.recv_as(Point, 5) == Point(1, 2)
         last = puller.recv(5)

@@ -149,8 +149,10 @@ class Batch(msgspec.Struct, tag=3, array_like=True, frozen=True, gc=False):
 class Inline(msgspec.Struct, tag=4, array_like=True, frozen=True, gc=False):
     """A small single-frame pipeline message as one frame: its Data header and its body.
 
-    `header.body_frames` is 1 (the message has one body frame; it rides
-    here, so no frame follows). See the module docstring for when it is used.
+    The body rides here, so no frame follows and `header.body_frames` is
+    not stated (0; older senders wrote 1). A pusher leaves out the header's
+    trailing fields that hold their defaults, which a decoder fills in. See
+    the module docstring for when this form is used.
     """
 
     version: int
