@@ -1,8 +1,11 @@
-"""`python -m zmqmesh ARGS` as a child process whose output a test reads line by line."""
+"""Test helpers: `python -m zmqmesh ARGS` as a child whose output a test reads line
+by line, and a fixed TCP port that no other test's socket can take."""
 
 from __future__ import annotations
 
 import queue
+import random
+import socket
 import subprocess
 import sys
 import threading
@@ -10,7 +13,32 @@ from typing import IO, Any
 
 from zmqmesh.testing import wait_until
 
-__all__ = ["Tool"]
+__all__ = ["Tool", "fixed_port"]
+
+
+def fixed_port() -> int:
+    """A free 127.0.0.1 port below the kernel's ephemeral range, for a test that must rebind it.
+
+    A port the kernel hands out (bind to 0, as `tcp://127.0.0.1:*` does)
+    comes from the ephemeral range, which every connecting socket draws from
+    too: under a busy suite another test's connection can take it before a
+    restarted process binds it again. Below that range only explicit binds
+    take ports, and no test binds a fixed one but through here.
+    """
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    for _ in range(100):
+        port = random.randrange(max(1024, low - 12_000), low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port below the ephemeral range (from {low})")
 
 
 class Tool:

@@ -8,7 +8,6 @@ sockets on 127.0.0.1 and real spool files, blocking and asyncio.
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import sys
 import threading
@@ -40,6 +39,7 @@ from patterns.pipeline import (
     Puller,
     Pusher,
 )
+from tests._tools import fixed_port
 from zmqmesh import LocalProtocolError, SpoolFull, StaticPeers, Timeout
 from zmqmesh._spool import Spool
 from zmqmesh.testing import ManualClock, async_wait_until, wait_until
@@ -47,12 +47,6 @@ from zmqmesh.testing import ManualClock, async_wait_until, wait_until
 pytestmark = pytest.mark.timeout(30)
 
 ANY = "tcp://127.0.0.1:*"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def mid(n: int) -> bytes:
@@ -443,7 +437,7 @@ def zmqmesh(
 def test_cli_push_spool_stores_and_forwards_to_an_acknowledging_pull(tmp_path: Path) -> None:
     spool = str(tmp_path / "out.spool")
     seen = str(tmp_path / "seen.spool")
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    endpoint = f"tcp://127.0.0.1:{fixed_port()}"
 
     def pull(*extra: str) -> subprocess.Popen[bytes]:
         return subprocess.Popen(

@@ -23,13 +23,14 @@ What is checked is exactly what the README promises:
 from __future__ import annotations
 
 import random
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tests._tools import fixed_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -84,12 +85,6 @@ puller.serve(handler)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Side:
     """One side's process, restartable."""
 
@@ -113,7 +108,7 @@ class Side:
 
 
 def run_chaos(tmp_path: Path, delivery: str, total: int, budget: float) -> dict[str, object]:
-    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    endpoint = f"tcp://127.0.0.1:{fixed_port()}"
     sent_log = tmp_path / "sent.log"
     effects = tmp_path / "effects.log"
     dedup = tmp_path / "dedup.spool"
@@ -130,8 +125,9 @@ def run_chaos(tmp_path: Path, delivery: str, total: int, budget: float) -> dict[
             # the run lasts; the kills stop after 60% of the budget so it ends.
             deadline = time.monotonic() + rng.uniform(0.1, 0.5)
             while time.monotonic() < deadline and not done.exists():
-                if pusher.proc.poll() is not None and not done.exists():
-                    pytest.fail(f"the pusher died on its own: exit {pusher.proc.returncode}")
+                for side, name in ((pusher, "pusher"), (puller, "puller")):
+                    if side.proc.poll() is not None and not done.exists():
+                        pytest.fail(f"the {name} died on its own: exit {side.proc.returncode}")
                 time.sleep(0.01)
             if done.exists() or elapsed > budget * 0.6:
                 continue

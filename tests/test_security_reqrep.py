@@ -20,6 +20,7 @@ import zmq.asyncio
 
 from patterns.pirate import AsyncQueue, AsyncWorker, Queue, Worker
 from patterns.reqrep import AsyncClient, AsyncServer, Client, Server
+from tests._tools import Tool
 from zmqmesh import (
     KeyPair,
     Message,
@@ -34,7 +35,6 @@ from zmqmesh import (
 from zmqmesh.testing import async_wait_until, wait_until
 
 from ._netns import ensure_loopback_multicast
-from ._tools import Tool
 
 pytestmark = pytest.mark.timeout(60)
 
