@@ -41,6 +41,7 @@ from zmqmesh import (
     parse_endpoint,
     validate_key,
 )
+from zmqmesh._envelope import inline_limit
 
 from ._proto.reqrep import Action, ClientMachine, Close, Failed, Open, Outcome, Send
 
@@ -111,7 +112,12 @@ class _ClientCore:
         self.source = source
         self.clock: Clock = clock if clock is not None else MonotonicClock()
         self.machine = ClientMachine(
-            endpoints=endpoints, timeout=timeout, retries=retries, wall_ns=time.time_ns, name=name
+            endpoints=endpoints,
+            timeout=timeout,
+            retries=retries,
+            wall_ns=time.time_ns,
+            name=name,
+            inline_max=inline_limit(max_message_size),
         )
         self.metrics: Metrics = self.machine.metrics
         self.metrics.counters.setdefault("send_dropped", 0)
@@ -298,7 +304,10 @@ class Client:
                 # Frame by frame: send_multipart's per-part checks cost more than
                 # the sends. A DEALER takes or refuses a message at its first frame.
                 try:
-                    if len(frames) == 3:
+                    if len(frames) == 2:  # [b"", Inline]
+                        _send(sock, frames[0], _MORE_NOBLOCK)
+                        _send(sock, frames[1], _NOBLOCK)
+                    elif len(frames) == 3:
                         _send(sock, frames[0], _MORE_NOBLOCK)
                         _send(sock, frames[1], _MORE_NOBLOCK)
                         _send(sock, frames[2], _NOBLOCK)

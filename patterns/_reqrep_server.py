@@ -1,6 +1,6 @@
 """Drivers of the request-reply server: `Server` (blocking) and `AsyncServer` (asyncio).
 
-Thin loops over `patterns._proto.reqrep.ServerMachine`, which parses the
+Thin loops over `patterns._proto.reqrep_server.ServerMachine`, which parses the
 ROUTER's frames and builds the replies; the drivers own the ROUTER socket,
 call the handler and send what the machine built. The public names are
 re-exported by `patterns.reqrep`.
@@ -38,8 +38,9 @@ from zmqmesh import (
     guard_server,
     make_socket,
 )
+from zmqmesh._envelope import inline_limit
 
-from ._proto.reqrep import ServerMachine, ServerRequest
+from ._proto.reqrep_server import ServerMachine, ServerRequest
 
 __all__ = ["AsyncServer", "Handler", "Server"]
 
@@ -99,7 +100,9 @@ class _ServerCore:
         self.handler = handler
         self.source = source
         self.name = name
-        self.machine = ServerMachine(wall_ns=time.time_ns, name=name)
+        self.machine = ServerMachine(
+            wall_ns=time.time_ns, name=name, inline_max=inline_limit(max_message_size)
+        )
         self.metrics: Metrics = self.machine.metrics
         for key in ("replies_dropped", "unroutable"):
             self.metrics.counters.setdefault(key, 0)
@@ -361,7 +364,11 @@ class Server:
                             # more than the sends. A ROUTER takes or refuses a
                             # message at its first frame.
                             try:
-                                if len(out) == 4:
+                                if len(out) == 3:  # [identity, b"", InlineReply]
+                                    _send(sock, out[0], _MORE_NOBLOCK)
+                                    _send(sock, out[1], _MORE_NOBLOCK)
+                                    _send(sock, out[2], _NOBLOCK)
+                                elif len(out) == 4:
                                     _send(sock, out[0], _MORE_NOBLOCK)
                                     _send(sock, out[1], _MORE_NOBLOCK)
                                     _send(sock, out[2], _MORE_NOBLOCK)

@@ -180,7 +180,7 @@ def test_queue_with_spool_round_trip_and_dead_letters(ctx: Any, tmp_path: Path) 
         wait_until(lambda: len(queue.dead_letters()) == 1, what="dead letter stored")
     with Spool(path) as spool:
         (dead,) = spool.dead_letters()
-        assert "TTL" in dead.reason and dead.frames[-1] == b"doomed"
+        assert "TTL" in dead.reason and dead.to_dead_letter().body == [b"doomed"]
         assert spool.stats().pending == 0
 
 

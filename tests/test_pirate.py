@@ -23,6 +23,7 @@ import zmq.asyncio
 from patterns.pirate import AsyncQueue, AsyncWorker, MemoryDeadLetters, Queue, Worker
 from patterns.reqrep import AsyncClient, Client
 from zmqmesh import Backoff, ConnectError, Message, RemoteError, StaticPeers
+from zmqmesh._envelope import read_envelope
 from zmqmesh.testing import async_wait_until, wait_until
 
 HB = 0.1  # short heartbeats keep failure tests fast
@@ -261,7 +262,7 @@ def test_garbage_worker_is_dropped_and_logged_once_queue_keeps_serving(
                 wait_until(lambda: idle_workers(queue, 1))
                 pending = pool.submit(client.request, b"job")
                 request = next_request(rogue)
-                assert request[1] == b"" and request[-1] == b"job"
+                assert request[1] == b"" and read_envelope(request[2:])[1] == [b"job"]
                 rogue.send_multipart([b"\xde\xad\xbe\xef"])  # garbage instead of a reply
                 rogue.send_multipart([b"more", b"garbage"])
                 good.start()
@@ -304,7 +305,7 @@ def test_max_attempts_dead_letters_with_reason_and_error_reply(ctx) -> None:
                 silent.append(sock)
                 # Joins after the previous one took the request, so it is alive
                 # (READY just now) when that one expires.
-                assert next_request(sock)[-1] == b"poison"
+                assert read_envelope(next_request(sock)[2:])[1] == [b"poison"]
             with pytest.raises(RemoteError) as failure:
                 pending.result(timeout=10)
         finally:
@@ -313,7 +314,7 @@ def test_max_attempts_dead_letters_with_reason_and_error_reply(ctx) -> None:
     assert "dead-lettered" in str(failure.value) and "2 of 2 attempts" in str(failure.value)
     (letter,) = queue.dead_letters()
     assert letter is sink.list()[0] and letter.queue == "jobs"
-    assert letter.frames[-1] == b"poison" and len(letter.message_id) == 16
+    assert letter.body == [b"poison"] and len(letter.message_id) == 16
     assert [a.worker for a in letter.attempts] == [b"dies-1", b"dies-2"]
     assert all("expired" in a.reason for a in letter.attempts)
     assert queue.metrics.get("dead_letters") == 1

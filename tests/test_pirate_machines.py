@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import msgspec
 import pytest
 
 from patterns._proto.pirate_queue import QueueMachine
@@ -20,6 +21,7 @@ from zmqmesh import (
     encode_header,
     message_id,
 )
+from zmqmesh._envelope import Inline, InlineReply, read_envelope
 from zmqmesh.testing import ManualClock
 
 HB = 1.0
@@ -34,7 +36,12 @@ class Client:
         self.ids = IdSource()
 
     def request(
-        self, body: bytes, priority: int = 0, ttl_ms: int = 0, seq: int | None = None
+        self,
+        body: bytes,
+        priority: int = 0,
+        ttl_ms: int = 0,
+        seq: int | None = None,
+        inline: bool = False,
     ) -> tuple[list[bytes], bytes]:
         seq = self.ids.next() if seq is None else seq
         cid = message_id(self.ids.sender, seq)
@@ -47,6 +54,9 @@ class Client:
             ttl_ms=ttl_ms,
             correlation_id=cid,
         )
+        if inline:  # a small request's one frame, [b"", Inline]
+            frame = msgspec.msgpack.encode(Inline(PROTOCOL_VERSION, header, body))
+            return [self.address, b"", frame], header.message_id
         return [self.address, b"", encode_header(header), body], header.message_id
 
 
@@ -74,7 +84,7 @@ def requests_to(out: list[list[bytes]]) -> list[tuple[bytes, bytes]]:
 def reply_from(worker: bytes, request: list[bytes], body: bytes = b"ok") -> list[bytes]:
     """What a worker sends back for `request` (as the backend ROUTER delivers it)."""
     i = request.index(b"", 1)
-    header = decode_header(request[i + 1])
+    header = read_envelope(request[i + 1 :])[0]  # [header, body...] or [Inline]
     assert isinstance(header, Data)
     reply = Reply(
         version=PROTOCOL_VERSION,
@@ -491,6 +501,35 @@ def test_worker_serves_enveloped_and_raw_requests() -> None:
     assert m.reply(raw, [b"plain"], clock.now()) == [b"REQ", b"", b"plain"]
     assert m.error_reply(raw, "boom", clock.now()) == [b"REQ", b"", b"ERROR: boom"]
     assert m.metrics.get("handler_errors") == 2
+
+
+def test_worker_answers_an_inline_request_inline() -> None:
+    clock = ManualClock()
+    m = make_worker(clock)
+    m.start(clock.now())
+    frames, cid = Client(b"C9").request(b"hello", inline=True)
+    item = m.receive(frames, clock.now())
+    assert item is not None and item.inline and item.cid == cid
+    assert item.message.body == b"hello" and item.message.frames == [b"hello"]
+    addr, delim, frame = m.reply(item, [b"HELLO"], clock.now())
+    rep = msgspec.msgpack.decode(frame, type=InlineReply)
+    assert (addr, delim, rep.body, rep.header.correlation_id) == (b"C9", b"", b"HELLO", cid)
+    assert m.reply(item, [b"a", b"b"], clock.now())[-2:] == [b"a", b"b"]  # two frames: not inline
+
+
+def test_queue_routes_an_inline_request_by_its_header() -> None:
+    clock = ManualClock()
+    q = make_queue(clock)
+    q.worker_message([b"W1", READY], clock.now())
+    frames, cid = Client(b"C1").request(b"job", priority=2, inline=True)
+    q.client_message(frames, clock.now())
+    (out,) = take_backend(q)
+    # The worker gets the request frames as the client sent them: [address, b"", Inline].
+    assert out[0] == b"W1" and out[1:] == frames
+    q.worker_message(reply_from(b"W1", out), clock.now())
+    (answer,) = take_frontend(q)
+    assert answer[:2] == [b"C1", b""] and decode_header(answer[2]).correlation_id == cid  # type: ignore[union-attr]
+    assert q.metrics.get("decode_errors") == 0
 
 
 def test_worker_reply_defers_heartbeat_and_long_handler_is_not_silence() -> None:

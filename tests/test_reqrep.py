@@ -24,9 +24,9 @@ from zmqmesh import (
     RemoteError,
     RequestTimeout,
     StaticPeers,
-    decode_header,
     encode_header,
 )
+from zmqmesh._envelope import read_envelope
 from zmqmesh.testing import async_wait_until, send_garbage, wait_until
 
 ANY = "tcp://127.0.0.1:*"
@@ -154,12 +154,13 @@ def test_timeout_retries_on_fresh_sockets_then_request_timeout(ctx: Ctx) -> None
         assert str(err.value) == f"no reply from {endpoint} after 3 attempts of 0.1 s"
         copies = [router.recv_multipart() for _ in range(3)]
     identities = {frames[0] for frames in copies}
-    headers = [decode_header(frames[2]) for frames in copies]
+    opened = [read_envelope(frames[2:]) for frames in copies]  # a small request: inline
+    headers = [header for header, _, _ in opened]
     # Lazy Pirate: a fresh socket (identity) per attempt, the same request each time.
     assert len(identities) == 3
     assert [h.attempt for h in headers] == [1, 2, 3]  # type: ignore[union-attr]
     assert len({h.correlation_id for h in headers}) == 1  # type: ignore[union-attr]
-    assert all(frames[3] == b"anyone?" for frames in copies)
+    assert all(body == [b"anyone?"] and inline for _, body, inline in opened)
 
 
 @pytest.mark.timeout(10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import msgspec
 import pytest
 
 from patterns._proto.reqrep import (
@@ -13,8 +14,8 @@ from patterns._proto.reqrep import (
     Failed,
     Open,
     Send,
-    ServerMachine,
 )
+from patterns._proto.reqrep_server import ServerMachine
 from zmqmesh import (
     PROTOCOL_VERSION,
     Ack,
@@ -29,6 +30,7 @@ from zmqmesh import (
     encode_header,
     message_id,
 )
+from zmqmesh._envelope import Inline, InlineReply, read_envelope
 from zmqmesh.testing import ManualClock
 
 A, B, C = "tcp://10.0.0.1:5555", "tcp://10.0.0.2:5555", "tcp://10.0.0.3:5555"
@@ -40,7 +42,7 @@ def sent(actions: list[Any]) -> list[Data]:
     for action in actions:
         if isinstance(action, Send):
             assert action.frames[0] == b""
-            header = decode_header(action.frames[1])
+            header = read_envelope(action.frames[1:])[0]  # [header, body...] or [Inline]
             assert isinstance(header, Data)
             out.append(header)
     return out
@@ -73,13 +75,49 @@ def machine(clock: ManualClock, endpoints=(A,), **kw) -> ClientMachine:
 
 def test_request_frames_follow_the_wire_contract() -> None:
     clock = ManualClock()
-    m = machine(clock)
+    m = machine(clock, inline_max=0)
     cid, frames = m.request([b"hello"], clock.now(), headers={"k": "v"}, priority=7)
     assert frames is not None and frames[0] == b"" and frames[2:] == [b"hello"]
     actions = [Send(frames)]
     (h,) = sent(actions)
     assert cid == h.correlation_id == h.message_id == message_id(m.sender, 1)
     assert (h.attempt, h.priority, h.headers, h.created_ns) == (1, 7, {"k": "v"}, 42)
+
+
+def test_a_small_request_goes_inline_a_large_one_in_two_frames() -> None:
+    clock = ManualClock()
+    m = machine(clock, inline_max=10)
+    cid, frames = m.request([b"hello"], clock.now(), headers={"k": "v"}, priority=7)
+    assert frames is not None and len(frames) == 2 and frames[0] == b""
+    inline = msgspec.msgpack.decode(frames[1], type=Inline)
+    h = inline.header
+    assert inline.body == b"hello" and cid == h.correlation_id == message_id(m.sender, 1)
+    assert (h.attempt, h.priority, h.headers, h.created_ns) == (1, 7, {"k": "v"}, 42)
+    _, big = m.request([b"x" * 11], clock.now())
+    assert big is not None and len(big) == 3 and big[2] == b"x" * 11
+    _, multi = m.request([b"a", b"b"], clock.now())
+    assert multi is not None and multi[2:] == [b"a", b"b"]
+    # A retry resends in the same form, attempt 2.
+    clock.advance(m.timeout)
+    (again, *_rest) = [a for a in m.tick(clock.now()) if isinstance(a, Send)]
+    resent = msgspec.msgpack.decode(again.frames[1], type=Inline)
+    assert (resent.header.correlation_id, resent.header.attempt) == (cid, 2)
+
+
+def test_an_inline_reply_is_read_like_a_two_frame_one() -> None:
+    clock = ManualClock()
+    m = machine(clock)
+    cid, _ = req(m, [b"q"], clock.now())
+    rep = Reply(PROTOCOL_VERSION, b"S" * 8, 7, 123, cid)
+    out = m.receive([b"", msgspec.msgpack.encode(InlineReply(1, rep, b"A"))], clock.now())
+    assert isinstance(out, Message) and (out.body, out.header.correlation_id) == (b"A", cid)
+    # Frames after an inline reply, or another version inside: garbage, counted.
+    cid2, _ = req(m, [b"q"], clock.now())
+    rep2 = Reply(PROTOCOL_VERSION, b"S" * 8, 8, 123, cid2)
+    assert m.receive([b"", msgspec.msgpack.encode(InlineReply(1, rep2, b"B")), b"extra"], 0) is None
+    old = Reply(9, b"S" * 8, 8, 123, cid2)
+    assert m.receive([b"", msgspec.msgpack.encode(InlineReply(1, old, b"B"))], 0) is None
+    assert m.metrics.get("decode_errors") == 2 and m.in_flight == 1
 
 
 def test_reply_is_matched_by_correlation_id() -> None:
@@ -387,6 +425,33 @@ def test_server_parses_and_replies_with_correlation_id() -> None:
     rep = decode_header(out[2])
     assert isinstance(rep, Reply) and rep.ok
     assert rep.correlation_id == header.correlation_id and rep.created_ns == 99
+
+
+def test_server_answers_an_inline_request_inline_and_a_large_reply_in_two_frames() -> None:
+    m = ServerMachine(wall_ns=lambda: 99, inline_max=4)
+    frames, header = request_frames(b"client-1", body=b"hi", headers={"a": "b"})
+    inline = [b"client-1", b"", msgspec.msgpack.encode(Inline(1, header, b"hi"))]
+    for routing in ([], [b"proxy"]):  # the hot path, and a multi-hop envelope
+        req = m.receive([*routing, *inline])
+        assert req is not None and req.inline and not req.raw
+        assert (req.body, req.header, req.cid) == (b"hi", header, header.correlation_id)
+        out = m.reply(req, [b"HI"])
+        assert (
+            out[: len(routing) + 2] == [*routing, b"client-1", b""] and len(out) == len(routing) + 3
+        )
+        rep = msgspec.msgpack.decode(out[-1], type=InlineReply)
+        assert (rep.body, rep.header.correlation_id, rep.header.created_ns) == (b"HI", req.cid, 99)
+        assert rep.header.ok and rep.header.seq > 0
+        # A body over inline_max, or several frames, go as [Reply, body...].
+        big = m.reply(req, [b"LARGE"])
+        assert big[-1] == b"LARGE" and isinstance(decode_header(big[-2]), Reply)
+        assert m.reply(req, [b"a", b"b"])[-2:] == [b"a", b"b"]
+    # A two-frame request gets a two-frame reply, however small.
+    two = m.receive(frames)
+    assert two is not None and not two.inline and len(m.reply(two, [b"HI"])) == 4
+    # Frames after an inline request: garbage, counted, not answered.
+    assert m.receive([*inline, b"extra"]) is None
+    assert m.metrics.get("decode_errors") == 1
 
 
 def test_server_request_is_a_complete_message() -> None:

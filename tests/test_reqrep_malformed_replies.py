@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 import zmq
 
-from patterns._proto.reqrep import ServerMachine
+from patterns._proto.reqrep_server import ServerMachine
 from patterns.reqrep import Client
 from zmqmesh import PROTOCOL_VERSION, Data, Reply, encode_header
 

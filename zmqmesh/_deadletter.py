@@ -15,6 +15,9 @@ from typing import Protocol, runtime_checkable
 
 import msgspec
 
+from ._envelope import read_envelope
+from ._errors import RemoteProtocolError
+
 __all__ = ["Attempt", "DeadLetter", "DeadLetterSink", "MemoryDeadLetters"]
 
 
@@ -35,7 +38,7 @@ class DeadLetter(msgspec.Struct, frozen=True):
     """A request that was not answered: its frames, why, and its attempt history."""
 
     message_id: bytes  # sender + seq of the request's Data header; b"" for a raw request
-    frames: list[bytes]  # the request body frames as received (envelope header first)
+    frames: list[bytes]  # the request's frames as received: [header, body...] or [Inline]
     reason: str
     attempts: list[Attempt]
     priority: int = 0
@@ -46,6 +49,16 @@ class DeadLetter(msgspec.Struct, frozen=True):
     def raw(self) -> bool:
         """True for a request from a plain REQ client (no zmqmesh envelope)."""
         return not self.message_id
+
+    @property
+    def body(self) -> list[bytes]:
+        """The request's body frames: those after its header, or the one inside an inline frame."""
+        if self.raw:
+            return list(self.frames)
+        try:
+            return read_envelope(self.frames)[1]
+        except RemoteProtocolError:
+            return self.frames[1:]
 
 
 @runtime_checkable

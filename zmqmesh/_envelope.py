@@ -25,8 +25,15 @@ within `max_message_size`; a larger body keeps its own frame (sent and
 received without copying into an envelope). Pullers accept both forms, and a
 received message looks the same either way: `Message.header` is the inner
 `Data`, `Message.frames` the one body. Like `Batch`, `Inline` is not part of
-`Header`: only pipeline pullers read it, and the other patterns' decoders
-refuse it like any unexpected frame.
+`Header`: `decode_header` refuses it like any unexpected frame.
+
+Request-reply does the same after the delimiter: a small request is
+`[b"", Inline]` and the reply to it `[b"", InlineReply]` (tag 5, a `Reply`
+header and the body), so a round trip moves as many frames as a bare
+DEALER/ROUTER echo. A server answers inline only a request that came inline
+(an older client reads only `[b"", Reply, body]`). `read_envelope` opens
+either form for the parts that route on the header (queues, workers,
+servers behind a proxy) and keep the body frames opaque.
 
 This module is pure: no sockets, no clocks. `now_ns` is passed in.
 """
@@ -50,13 +57,16 @@ __all__ = [
     "INLINE_MAX",
     "IdSource",
     "Inline",
+    "InlineReply",
     "Message",
     "Reply",
     "decode_header",
     "encode_body",
     "encode_header",
     "inline_data",
+    "inline_limit",
     "message_id",
+    "read_envelope",
 ]
 
 PROTOCOL_VERSION: Final = 1
@@ -160,9 +170,27 @@ class Inline(msgspec.Struct, tag=4, array_like=True, frozen=True, gc=False):
     body: bytes
 
 
+class InlineReply(msgspec.Struct, tag=5, array_like=True, frozen=True, gc=False):
+    """A small reply as one frame: its Reply header and its one body frame."""
+
+    version: int
+    header: Reply
+    body: bytes
+
+
 #: The largest body a pusher sends inline (in the header's frame); larger
 #: ones keep a frame of their own, handed to ZeroMQ without a copy.
 INLINE_MAX: Final = 8192
+
+
+def inline_limit(max_message_size: int | None) -> int:
+    """The largest body to send inline under a `max_message_size` (None: no limit).
+
+    Half the limit at most, so that headers of any sensible size fit beside
+    the body in the one frame (the receiver's limit is per frame).
+    """
+    return INLINE_MAX if max_message_size is None else min(INLINE_MAX, max_message_size // 2)
+
 
 Header: TypeAlias = Data | Reply | Ack
 
@@ -170,6 +198,7 @@ _encoder: Final = msgspec.msgpack.Encoder()
 _decoder: Final = msgspec.msgpack.Decoder(Header)
 _raw_decoder: Final = msgspec.msgpack.Decoder()
 _inline_decoder: Final = msgspec.msgpack.Decoder(Inline)
+_envelope_decoder: Final = msgspec.msgpack.Decoder(Data | Reply | Ack | Inline | InlineReply)
 
 
 def message_id(sender: bytes, seq: int) -> bytes:
@@ -185,6 +214,38 @@ def inline_data(frame: bytes | memoryview) -> Data | None:
         return None
 
 
+def read_envelope(frames: list[bytes]) -> tuple[Header, list[bytes], bool]:
+    """A request or reply after its delimiter: the header, the body frames, whether inline.
+
+    `frames` is `[header, body...]` or `[Inline]` / `[InlineReply]`.
+    Raises `RemoteProtocolError` with the reason, like `decode_header`.
+    """
+    first = frames[0]
+    try:
+        decoded: Header | Inline | InlineReply = _envelope_decoder.decode(first)
+    except msgspec.DecodeError as exc:
+        raise RemoteProtocolError(_explain(first, exc)) from exc
+    header: Header
+    if isinstance(decoded, (Inline, InlineReply)):
+        if len(frames) != 1:
+            raise RemoteProtocolError(f"an inline header with {len(frames) - 1} frames after it")
+        if decoded.version != PROTOCOL_VERSION:
+            raise RemoteProtocolError(_unknown_version(decoded.version))
+        header, body, inline = decoded.header, [decoded.body], True
+    else:
+        header, body, inline = decoded, frames[1:], False
+    if header.version != PROTOCOL_VERSION:
+        raise RemoteProtocolError(_unknown_version(header.version))
+    return header, body, inline
+
+
+def _unknown_version(version: int) -> str:
+    return (
+        f"header has unknown protocol version {version} (this zmqmesh speaks "
+        f"{PROTOCOL_VERSION}); upgrade the older side"
+    )
+
+
 def encode_header(header: Header) -> bytes:
     """Encode a header to msgpack."""
     return _encoder.encode(header)
@@ -197,10 +258,7 @@ def decode_header(frame: bytes | memoryview) -> Header:
     except msgspec.DecodeError as exc:
         raise RemoteProtocolError(_explain(frame, exc)) from exc
     if header.version != PROTOCOL_VERSION:
-        raise RemoteProtocolError(
-            f"header has unknown protocol version {header.version} "
-            f"(this zmqmesh speaks {PROTOCOL_VERSION}); upgrade the older side"
-        )
+        raise RemoteProtocolError(_unknown_version(header.version))
     return header
 
 
@@ -216,10 +274,7 @@ def _explain(frame: bytes | memoryview, exc: Exception) -> str:
         and isinstance(raw[1], int)
         and raw[1] != PROTOCOL_VERSION
     ):
-        return (
-            f"header has unknown protocol version {raw[1]} "
-            f"(this zmqmesh speaks {PROTOCOL_VERSION}); upgrade the older side"
-        )
+        return _unknown_version(raw[1])
     return f"header does not match the zmqmesh envelope: {exc}"
 
 

@@ -36,8 +36,9 @@ from __future__ import annotations
 import collections
 from typing import Final
 
-from zmqmesh import PROTOCOL_VERSION, Reply, decode_header, encode_header
+from zmqmesh import PROTOCOL_VERSION, Reply, encode_header
 from zmqmesh._deadletter import DeadLetter
+from zmqmesh._envelope import read_envelope
 from zmqmesh._errors import RemoteProtocolError
 
 from .pirate_queue import PRIORITIES, QueueMachine, _Request
@@ -136,7 +137,7 @@ class DurableQueueMachine(QueueMachine):
             return False
         body = frames[i + 1 :]
         try:
-            header = decode_header(body[0])
+            header = read_envelope(body)[0]
         except RemoteProtocolError:
             return False
         if type(header) is not Reply or not header.correlation_id:

@@ -68,10 +68,10 @@ from zmqmesh import (
     Metrics,
     RemoteProtocolError,
     Reply,
-    decode_header,
     encode_header,
 )
 from zmqmesh._deadletter import Attempt, DeadLetter, DeadLetterSink, MemoryDeadLetters
+from zmqmesh._envelope import read_envelope
 
 from .pirate_worker import node_of
 from .ppp import HEARTBEAT, READY, LogOnce, find_delimiter, foreign_version, hexid
@@ -255,7 +255,9 @@ class QueueMachine:
         c["bytes_in"] += sum(map(len, body))
         first = body[0]
         try:
-            header = decode_header(first)
+            # The header only: the body frames go on to a worker as they came,
+            # `[header, body...]` or `[Inline]`.
+            header = read_envelope(body)[0]
         except RemoteProtocolError as exc:
             if foreign_version(first):
                 self._client_garbage(frames, str(exc))
@@ -520,7 +522,7 @@ class QueueMachine:
     def _late_reply(self, body: list[bytes]) -> None:
         """A reply from a worker we no longer track it for: deliver it if still wanted."""
         try:
-            header = decode_header(body[0])
+            header = read_envelope(body)[0]
         except RemoteProtocolError:
             header = None
         if type(header) is Reply:

@@ -44,6 +44,8 @@ import random
 from collections.abc import Callable, Iterable
 from typing import Final, TypeAlias
 
+import msgspec
+
 from zmqmesh import (
     PROTOCOL_VERSION,
     Backoff,
@@ -53,15 +55,15 @@ from zmqmesh import (
     Metrics,
     RemoteProtocolError,
     Reply,
-    decode_header,
     encode_header,
 )
+from zmqmesh._envelope import INLINE_MAX, InlineReply, read_envelope
 
 from .ppp import HEARTBEAT, READY, LogOnce, find_delimiter, foreign_version, hexid
+from .reqrep_server import RAW_HEADER
 
 __all__ = [
     "NODE_SEP",
-    "RAW_HEADER",
     "Action",
     "Close",
     "Open",
@@ -74,9 +76,8 @@ __all__ = [
 
 log = logging.getLogger("zmqmesh.pirate.worker")
 
-#: The header a raw request (no zmqmesh envelope) is given: empty sender, seq 0.
-RAW_HEADER: Final = Data(version=PROTOCOL_VERSION, sender=b"", seq=0, created_ns=0)
 _ERROR: Final = 1
+_encode: Final = msgspec.msgpack.Encoder().encode
 _COUNTERS: Final = (
     "messages_in",
     "messages_out",
@@ -133,13 +134,16 @@ Action: TypeAlias = Open | Close | Send
 class WorkItem:
     """A request to handle: the message for the handler and where the reply goes."""
 
-    __slots__ = ("address", "cid", "message", "raw")
+    __slots__ = ("address", "cid", "inline", "message", "raw")
 
-    def __init__(self, address: list[bytes], message: Message, cid: bytes, raw: bool) -> None:
+    def __init__(
+        self, address: list[bytes], message: Message, cid: bytes, raw: bool, inline: bool = False
+    ) -> None:
         self.address = address
         self.message = message
         self.cid = cid
         self.raw = raw
+        self.inline = inline  # came as one Inline frame: a small reply goes back inline
 
 
 def _new_identity() -> bytes:
@@ -302,7 +306,7 @@ class WorkerMachine:
         peer = address[-1] if address else b""
         first = body[0]
         try:
-            header = decode_header(first)
+            header, frames, inline = read_envelope(body)
         except RemoteProtocolError as exc:
             if foreign_version(first):
                 self._garbage(f"a request from client {hexid(peer)}: {exc}")
@@ -312,7 +316,7 @@ class WorkerMachine:
             self._garbage(f"a {type(header).__name__} header where a Data request belongs")
             return None
         cid = header.correlation_id or header.message_id
-        return WorkItem(address, Message(header, body[1:], peer=peer), cid, False)
+        return WorkItem(address, Message(header, frames, peer=peer), cid, False, inline)
 
     def reply(self, item: WorkItem, body: list[bytes], now: float) -> list[bytes]:
         """The frames answering `item` with `body` (raw requests get the raw body only)."""
@@ -326,6 +330,8 @@ class WorkerMachine:
             created_ns=self._wall_ns(),
             correlation_id=item.cid,
         )
+        if item.inline and len(body) == 1 and len(body[0]) <= INLINE_MAX:
+            return [*item.address, b"", _encode(InlineReply(PROTOCOL_VERSION, header, body[0]))]
         return [*item.address, b"", encode_header(header), *body]
 
     def error_reply(self, item: WorkItem, error: str, now: float) -> list[bytes]:

@@ -1,11 +1,15 @@
-"""Request-reply as sans-I/O machines: the client's pending requests and the server's framing.
+"""Request-reply's client as a sans-I/O machine (the server's is in `reqrep_server`).
 
 Wire (the request-reply contract shared with the Paranoid Pirate queue): a
 client DEALER sends `[b"", Data header, body...]` with `correlation_id ==
 message_id` (sender + seq) and `attempt` 1, 2, ... on retries; the server
 ROUTER sees `[client identity..., b"", header, body...]` and answers
 `[client identity..., b"", Reply header, body...]` with the correlation id
-echoed and status OK (0) or ERROR (1) with the reason in `error`.
+echoed and status OK (0) or ERROR (1) with the reason in `error`. A request
+of one body frame of at most `inline_max` bytes goes as one frame,
+`[b"", Inline]`, and its reply may come back as `[b"", InlineReply]`
+(zmqmesh._envelope): a round trip then moves as many frames as a bare
+DEALER/ROUTER echo, which in pyzmq is most of the cost of a small message.
 
 `ClientMachine` keeps every request in flight by correlation id with its own
 deadline and retry budget, and decides the Lazy Pirate moves (zguide chapter
@@ -33,23 +37,6 @@ deadline and retry budget, and decides the Lazy Pirate moves (zguide chapter
 - Endpoints may come and go (`add_endpoint` / `remove_endpoint`, fed from an
   `EndpointSource`). With none known, requests wait (their timers run) and
   go out as soon as one appears.
-
-`ServerMachine` turns a ROUTER's frames into a `ServerRequest` for the handler
-and builds reply frames. What it drops and what it answers:
-
-- Answered: a request with a valid zmqmesh Data header (a handler error is an
-  ERROR reply carrying the exception type and message), and a raw request
-  from a plain REQ client (exactly one body frame that is not a zmqmesh
-  header), which gets the raw reply body (or `b"ERROR: ..."`).
-- Dropped, counted in `decode_errors` and logged once per peer: no routing
-  envelope (no empty delimiter frame, or nothing after it), a header of
-  another protocol version, a multi-frame body that is not enveloped, or a
-  Reply/Ack header where a request belongs. Such input gets no answer even
-  when the routing envelope is intact: without a header there is no
-  correlation id, which a client needs to match an error to its request,
-  and a peer speaking another version could not read our header anyway.
-- Dropped and counted in `expired`: a request whose envelope TTL has passed
-  (its sender has given up on it).
 """
 
 from __future__ import annotations
@@ -66,7 +53,6 @@ from zmqmesh import (
     PROTOCOL_VERSION,
     ClosedError,
     Data,
-    Header,
     IdSource,
     LocalProtocolError,
     MeshError,
@@ -76,14 +62,12 @@ from zmqmesh import (
     RemoteProtocolError,
     Reply,
     RequestTimeout,
-    decode_header,
-    encode_header,
 )
+from zmqmesh._envelope import INLINE_MAX, Inline, InlineReply, read_envelope
 
-from .ppp import LogOnce, find_delimiter, foreign_version, hexid
+from .ppp import LogOnce
 
 __all__ = [
-    "RAW_HEADER",
     "Action",
     "ClientMachine",
     "Close",
@@ -91,22 +75,18 @@ __all__ = [
     "Open",
     "Outcome",
     "Send",
-    "ServerMachine",
-    "ServerRequest",
 ]
 
 log = logging.getLogger("zmqmesh.reqrep")
 
 # The hot paths decode and encode headers with their own msgspec pair instead
-# of through decode_header / encode_header: one Python call less per header,
-# which on a server or client that sleeps between messages (cold caches) is
-# worth a microsecond each. Anything unusual (a decode error, another version)
-# goes through decode_header, which explains what is wrong.
-_decode: Final = msgspec.msgpack.Decoder(Header).decode
+# of through read_envelope / encode_header: one Python call less per header,
+# which on a client that sleeps between messages (cold caches) is worth a
+# microsecond each. Anything unusual (a decode error, another version) goes
+# through read_envelope, which explains what is wrong.
+_decode: Final = msgspec.msgpack.Decoder(Reply | InlineReply).decode
 _encode: Final = msgspec.msgpack.Encoder().encode
 
-#: The header a raw request (no zmqmesh envelope) is given: empty sender, seq 0.
-RAW_HEADER: Final = Data(version=PROTOCOL_VERSION, sender=b"", seq=0, created_ns=0)
 _OK: Final = 0
 _ERROR: Final = 1
 _INF: Final = math.inf
@@ -124,15 +104,6 @@ _CLIENT_COUNTERS: Final = (
     "decode_errors",
     "bytes_out",
     "bytes_in",
-)
-_SERVER_COUNTERS: Final = (
-    "messages_in",
-    "messages_out",
-    "bytes_in",
-    "raw_requests",
-    "handler_errors",
-    "decode_errors",
-    "expired",
 )
 
 
@@ -241,8 +212,11 @@ class ClientMachine:
         wall_ns: Callable[[], int] = lambda: 0,
         metrics: Metrics | None = None,
         name: str = "client",
+        inline_max: int = INLINE_MAX,
     ) -> None:
         self.timeout = _check_timeout(timeout, "timeout")
+        #: The largest single body sent inline, `[b"", Inline]` (0: never).
+        self.inline_max = inline_max if inline_max > 0 else -1  # -1: not even an empty body
         self.retries = _check_retries(retries, "retries")
         self.endpoints: list[str] = []
         for ep in endpoints:
@@ -342,7 +316,19 @@ class ClientMachine:
         if not endpoint:
             return cid, None
         # The first transmission, written out (the hot path); resends use _frames.
-        c["bytes_out"] += len(body[0]) if len(body) == 1 else sum(map(len, body))
+        if len(body) == 1 and len(body[0]) <= self.inline_max:
+            one = body[0]
+            c["bytes_out"] += len(one)
+            # Encoded from tuples, which msgspec writes as the Structs (array_like:
+            # [tag, fields...]); the Data fields after correlation_id keep their defaults.
+            return cid, [
+                b"",
+                _encode(
+                    (4, PROTOCOL_VERSION, (0, PROTOCOL_VERSION, sender, seq, created_ns, hdrs,
+                     priority, 1, cid), one)
+                ),
+            ]  # fmt: skip
+        c["bytes_out"] += sum(map(len, body))
         header = Data(PROTOCOL_VERSION, sender, seq, created_ns, hdrs, priority, 1, cid)
         return cid, [b"", _encode(header), *body]
 
@@ -357,25 +343,32 @@ class ClientMachine:
         if len(frames) < 2 or frames[0]:
             self._garbage("a message without the empty delimiter frame")
             return None
+        header: Reply
         try:
-            header = _decode(frames[1])
+            got = _decode(frames[1])
+            if isinstance(got, InlineReply):  # [b"", InlineReply]: one frame, no more
+                if len(frames) != 2 or got.version != PROTOCOL_VERSION:
+                    raise msgspec.DecodeError
+                header, body = got.header, [got.body]
+            else:
+                header, body = got, frames[2:]
             if header.version != PROTOCOL_VERSION:
                 raise msgspec.DecodeError
         except msgspec.DecodeError:
             try:
-                header = decode_header(frames[1])  # raises, saying why
+                found, body, _ = read_envelope(frames[1:])  # raises, saying why
             except RemoteProtocolError as exc:
                 self._garbage(f"a reply: {exc}")
                 return None
-        if type(header) is not Reply:
-            self._garbage(f"a {type(header).__name__} header where a Reply belongs")
-            return None
+            if type(found) is not Reply:
+                self._garbage(f"a {type(found).__name__} header where a Reply belongs")
+                return None
+            header = found
         p = self._pending.pop(header.correlation_id, None)
         c = self._c
         if p is None:
             c["late_replies"] += 1  # its request was answered, failed or abandoned
             return None
-        body = frames[2:]
         c["replies"] += 1
         c["bytes_in"] += len(body[0]) if len(body) == 1 else sum(map(len, body))
         if header.status == _OK:
@@ -490,7 +483,9 @@ class ClientMachine:
         )
         c = self._c
         c["bytes_out"] += sum(map(len, p.body))
-        return [b"", encode_header(header), *p.body]
+        if len(p.body) == 1 and len(p.body[0]) <= self.inline_max:
+            return [b"", _encode(Inline(PROTOCOL_VERSION, header, p.body[0]))]
+        return [b"", _encode(header), *p.body]
 
     def _reconnect(self, now: float, *, advance: bool) -> list[Action]:
         """Open a fresh socket (the next endpoint if `advance`) and resend everything in flight."""
@@ -546,133 +541,3 @@ def _timeout_text(p: _Pending) -> str:
     where = ", ".join(p.endpoints) if p.endpoints else "any server (no endpoint was known)"
     attempts = f"{p.waits} attempt{'s' if p.waits != 1 else ''}"
     return f"no reply from {where} after {attempts} of {p.timeout} s"
-
-
-# ------------------------------------------------------------------- server
-
-
-class ServerRequest(Message):
-    """A request for the handler: a `Message` that also knows where its reply goes.
-
-    One object per request instead of a message plus a wrapper: on a server
-    that sleeps between requests every object and call on the path runs with
-    cold caches, and costs several times what a warm loop suggests.
-    """
-
-    # Fields appended to Message's (a Struct, so no __init__ of its own):
-    # build one as `ServerRequest(header, frames, b"", peer, envelope, cid, raw)`.
-    envelope: list[bytes] = []  # the routing frames, replayed in front of the reply
-    cid: bytes = b""  # the correlation id the reply echoes (b"" for a raw request)
-    raw: bool = False  # a plain REQ client's request: the reply carries no header
-
-
-class ServerMachine:
-    """The server side of request-reply: parse ROUTER frames, build replies."""
-
-    def __init__(
-        self,
-        *,
-        wall_ns: Callable[[], int] = lambda: 0,
-        metrics: Metrics | None = None,
-        name: str = "server",
-        sender: bytes | None = None,
-    ) -> None:
-        self.name = name
-        self.metrics = metrics if metrics is not None else Metrics(name)
-        self._c = self.metrics.counters
-        for key in _SERVER_COUNTERS:
-            self._c.setdefault(key, 0)
-        self._ids = IdSource(sender)
-        self._sender = self._ids.sender
-        self._wall_ns = wall_ns
-        self._log_once = LogOnce(log)
-
-    def receive(self, frames: list[bytes]) -> ServerRequest | None:
-        """Frames from the ROUTER: the request to handle, or None (dropped and counted)."""
-        n = len(frames)
-        if n == 4 and not frames[1]:
-            # The common case: [identity, b"", header, body].
-            try:
-                header = _decode(frames[2])
-            except msgspec.DecodeError:
-                return self._parse(frames)  # not a zmqmesh request: see what it is
-            if type(header) is Data and not header.ttl_ms and header.version == PROTOCOL_VERSION:
-                c = self._c
-                c["messages_in"] += 1
-                body = frames[3]
-                c["bytes_in"] += len(body)
-                cid = header.correlation_id or header.message_id
-                return ServerRequest(header, [body], b"", frames[0], [frames[0]], cid, False)
-        return self._parse(frames)
-
-    def _parse(self, frames: list[bytes]) -> ServerRequest | None:
-        """Any other shape: several routing frames, several body frames, raw, TTL, garbage."""
-        n = len(frames)
-        i = find_delimiter(frames, 1)
-        if i < 1 or i >= n - 1:
-            peer = frames[0] if frames else b""
-            self._garbage(peer, "a message with no routing envelope [identity, b'', header, ...]")
-            return None
-        c = self._c
-        first = frames[i + 1]
-        peer = frames[i - 1]
-        try:
-            header = decode_header(first)
-        except RemoteProtocolError as exc:
-            if n - i == 2 and not foreign_version(first):
-                # One frame, no envelope: a plain REQ client (served raw).
-                c["messages_in"] += 1
-                c["raw_requests"] += 1
-                c["bytes_in"] += len(first)
-                return ServerRequest(RAW_HEADER, [first], b"", peer, frames[:i], b"", True)
-            self._garbage(peer, f"a request: {exc}")
-            return None
-        if type(header) is not Data:
-            self._garbage(peer, f"a {type(header).__name__} header where a Data request belongs")
-            return None
-        if header.ttl_ms and header.expired(self._wall_ns()):
-            c["expired"] += 1
-            return None
-        body = frames[i + 2 :]
-        c["messages_in"] += 1
-        c["bytes_in"] += sum(map(len, body))
-        cid = header.correlation_id or header.message_id
-        return ServerRequest(header, body, b"", peer, frames[:i], cid, False)
-
-    def reply(self, request: ServerRequest, body: list[bytes]) -> list[bytes]:
-        """The frames answering `request` with `body` (a raw request gets the raw body)."""
-        self._c["messages_out"] += 1
-        if request.raw:
-            return [*request.envelope, b"", *body]
-        ids = self._ids
-        ids.seq += 1
-        header = _encode(
-            Reply(PROTOCOL_VERSION, self._sender, ids.seq, self._wall_ns(), request.cid)
-        )
-        if len(body) == 1 and len(request.envelope) == 1:
-            return [request.envelope[0], b"", header, body[0]]
-        return [*request.envelope, b"", header, *body]
-
-    def error_reply(self, request: ServerRequest, error: str) -> list[bytes]:
-        """The frames of an ERROR reply; `error` says what failed (type: message)."""
-        c = self._c
-        c["messages_out"] += 1
-        c["handler_errors"] += 1
-        if request.raw:
-            # A plain REQ client has no envelope to carry a status: the reason, raw.
-            return [*request.envelope, b"", f"ERROR: {error}".encode()]
-        ids = self._ids
-        header = Reply(
-            PROTOCOL_VERSION,
-            self._sender,
-            ids.next(),
-            self._wall_ns(),
-            request.cid,
-            _ERROR,
-            error,
-        )
-        return [*request.envelope, b"", encode_header(header)]
-
-    def _garbage(self, peer: bytes, what: str) -> None:
-        self._c["decode_errors"] += 1
-        self._log_once(peer, f"server {self.name}: dropped {what} from peer {hexid(peer)}")
