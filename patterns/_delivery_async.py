@@ -191,7 +191,7 @@ class AsyncAckedPusher(AsyncPusher):
         mid = message_id(core.machine.sender, core.machine.seq)
         assert self._spool is not None
         seq = await self._spool.append(frames, message_id=mid)
-        self.metrics.counters["stored"] += 1
+        core.counters["stored"] += 1
         self._check_open()
         if self._window.stored(seq, mid, frames, self._now()):
             acked.transmit(mid, frames, True)
@@ -212,7 +212,7 @@ class AsyncAckedPusher(AsyncPusher):
         if not batch:
             return 0
         seqs = await self._spool.append_many(batch, message_ids=mids)
-        self.metrics.counters["stored"] += len(seqs)
+        core.counters["stored"] += len(seqs)
         self._check_open()
         now = self._now()
         for seq, mid, frames in zip(seqs, mids, batch, strict=True):

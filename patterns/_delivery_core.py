@@ -213,15 +213,15 @@ class AckedSendCore:
             sent = send_nowait(self.sock, frames)
         except zmq.ZMQError as exc:
             raise self.core.failed(exc) from exc
-        c = self.metrics.counters
         if not sent:
             # No puller connected (or all full): re-sent on the next connection,
             # or after its ack timeout, whichever comes first.
-            c["send_deferred"] += 1
+            self.core.counters["send_deferred"] += 1
             self.window.deferred(mid)
         elif first:
-            c["messages_out"] += 1
-            c["bytes_out"] += sum(map(len, frames[1:]))
+            core = self.core  # its int counters are the live messages_out/bytes_out
+            core.messages_out += 1
+            core.bytes_out += sum(map(len, frames[1:]))
 
     def service(self, now: float) -> None:
         """Read acks and connection events, re-send what is overdue, send the backlog."""

@@ -163,7 +163,7 @@ class AckedPusher(Pusher):
         mid = message_id(core.machine.sender, core.machine.seq)
         self._service()  # acks first: they make room in the spool and the window
         (seq,) = self._store([frames], [mid])
-        self.metrics.counters["stored"] += 1
+        core.counters["stored"] += 1
         if self._window.stored(seq, mid, frames, self._now()):
             self._transmit(mid, frames, True)
 
@@ -183,7 +183,7 @@ class AckedPusher(Pusher):
             return 0
         self._service()
         seqs = self._store(batch, mids)
-        self.metrics.counters["stored"] += len(seqs)
+        core.counters["stored"] += len(seqs)
         now = self._now()
         stored = self._window.stored
         for seq, mid, frames in zip(seqs, mids, batch, strict=True):

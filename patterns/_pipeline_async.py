@@ -356,9 +356,8 @@ class AsyncPusher(_AsyncSender):
                     core.send_rest(sock, frames)
             except zmq.ZMQError as exc:
                 raise core.failed(exc) from exc
-            c = core.counters
-            c["messages_out"] += 1
-            c["bytes_out"] += len(frame)
+            core.messages_out += 1
+            core.bytes_out += len(frame)
             return
         header = _encode(
             core.machine.header(
@@ -378,9 +377,8 @@ class AsyncPusher(_AsyncSender):
                     send_raw(sock, frame, 0)
         except zmq.ZMQError as exc:
             raise core.failed(exc) from exc
-        c = core.counters
-        c["messages_out"] += 1
-        c["bytes_out"] += len(frame)
+        core.messages_out += 1
+        core.bytes_out += len(frame)
 
     async def _send_out(self, outs: list[Outgoing]) -> None:
         core = self._core

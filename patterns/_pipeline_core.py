@@ -59,15 +59,24 @@ class Outgoing(NamedTuple):
 
 
 class SendCore:
-    """Headers, size checks, batching and counters for one sending end."""
+    """Headers, size checks, batching and counters for one sending end.
+
+    `messages_out` and `bytes_out` are int attributes, published live in the
+    metrics (see zmqmesh._metrics.Metrics.live): every sending path of the
+    drivers adds to them here, and nothing adds to the dict's keys. Read
+    counts through `metrics.counters` (which refreshes the live ones), not
+    through `counters`, the plain dict the other counts go to.
+    """
 
     __slots__ = (
         "_clock",
         "batching",
+        "bytes_out",
         "counters",
         "hwm",
         "limit",
         "machine",
+        "messages_out",
         "metrics",
         "send_timeout",
         "what",
@@ -113,6 +122,10 @@ class SendCore:
         self.counters = self.metrics.counters
         for key in ("unroutable", "oversized", "dropped_on_close"):
             self.counters.setdefault(key, 0)
+        self.messages_out: int = self.counters.get("messages_out", 0)
+        self.bytes_out: int = self.counters.get("bytes_out", 0)
+        self.metrics.live("messages_out", lambda: self.messages_out)
+        self.metrics.live("bytes_out", lambda: self.bytes_out)
         self._clock = clock
 
     # ------------------------------------------------------------ single messages
@@ -322,11 +335,10 @@ class SendCore:
         return max(0.0, m.next_flush() - self.now(_time_ns()))
 
     def sent(self, out: Outgoing) -> None:
-        c = self.counters
-        c["messages_out"] += out.messages
-        c["bytes_out"] += out.nbytes
+        self.messages_out += out.messages
+        self.bytes_out += out.nbytes
         if out.batch:
-            c["batches_out"] += 1
+            self.counters["batches_out"] += 1
 
     def dropped(self, outs: list[Outgoing], why: str) -> None:
         """Count messages given up on (a close that could not send them)."""

@@ -321,7 +321,6 @@ class Pusher(_Sender):
 
         # The hot path's references, one attribute lookup each.
         self._sock = self._link.sock
-        self._counters = core.counters
         self._limit = core.limit
         self._mint = core.machine.header
         self._inline = core.machine.inline
@@ -375,9 +374,9 @@ class Pusher(_Sender):
                     self._wait_first(one, False)
             except zmq.ZMQError as exc:
                 raise self._core.failed(exc) from exc
-            c = self._counters
-            c["messages_out"] += 1
-            c["bytes_out"] += len(body)
+            core = self._core  # its int counters: half the cost of dict items
+            core.messages_out += 1
+            core.bytes_out += len(body)
             return
         if self._batching:
             if self._plain and type(body) is bytes and len(body) <= self._item_max:
@@ -429,9 +428,9 @@ class Pusher(_Sender):
             send_raw(sock, frame, 0)
         except zmq.ZMQError as exc:
             raise self._core.failed(exc) from exc
-        c = self._counters
-        c["messages_out"] += 1
-        c["bytes_out"] += len(frame)
+        core = self._core
+        core.messages_out += 1
+        core.bytes_out += len(frame)
 
     def _send_out(self, outs: list[Outgoing]) -> None:
         core = self._core

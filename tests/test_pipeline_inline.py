@@ -98,7 +98,7 @@ def test_pull_machine_accepts_inline_like_two_frames() -> None:
     assert type(msg.header) is Data
     assert (msg.header.seq, msg.header.headers, msg.header.priority) == (7, {"a": "b"}, 3)
     assert msg.id == SENDER + (7).to_bytes(8, "big")
-    assert m.counters["messages_in"] == 1 and m.counters["bytes_in"] == 4
+    assert m.metrics.counters["messages_in"] == 1 and m.metrics.get("bytes_in") == 4
 
 
 def test_pull_machine_inline_ttl_and_versions() -> None:

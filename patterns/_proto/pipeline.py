@@ -326,15 +326,21 @@ class PullMachine:
     Messages unpacked from a batch wait in `ready`; `pop()` hands them out,
     dropping those whose TTL ran out while they waited.
     `messages_in` counts messages handed to the application.
+    It and `bytes_in` are int attributes (half the cost of dict items on the
+    hot path), published live in the metrics: only this machine adds to them.
+    `counters` is the plain dict the other counts go to; read counts through
+    `metrics.counters`, which refreshes the live ones.
     """
 
     __slots__ = (
         "_batch_decode",
         "_log_once",
         "_wall_ns",
+        "bytes_in",
         "counters",
         "decode",
         "inline_next",
+        "messages_in",
         "metrics",
         "name",
         "ready",
@@ -354,6 +360,10 @@ class PullMachine:
         self.counters = self.metrics.counters
         for key in _RECV_COUNTERS:
             self.counters.setdefault(key, 0)
+        self.messages_in: int = self.counters["messages_in"]
+        self.bytes_in: int = self.counters["bytes_in"]
+        self.metrics.live("messages_in", lambda: self.messages_in)
+        self.metrics.live("bytes_in", lambda: self.bytes_in)
         self.decode: Callable[[Any], Data | Batch | Inline] = msgspec.msgpack.Decoder(
             Data | Batch | Inline
         ).decode
@@ -380,10 +390,9 @@ class PullMachine:
         if type(inline) is Inline and inline.version == 1:
             header = inline.header
             if header.version == 1 and not header.ttl_ms:
-                c = self.counters
-                c["messages_in"] += 1
+                self.messages_in += 1
                 body = inline.body
-                c["bytes_in"] += len(body)
+                self.bytes_in += len(body)
                 return Message(header, [body], b"", b"")
         return None
 
@@ -396,10 +405,9 @@ class PullMachine:
         header = inline.header
         if inline.version == 1 and header.version == 1 and not header.ttl_ms:
             # The hot path of a puller: accept_one's checks, without its call.
-            c = self.counters
-            c["messages_in"] += 1
+            self.messages_in += 1
             body = inline.body
-            c["bytes_in"] += len(body)
+            self.bytes_in += len(body)
             return Message(header, [body], b"", peer)
         if inline.version != 1:
             self.bad(
@@ -419,9 +427,8 @@ class PullMachine:
     def accept_one(self, header: Data | Batch, body: bytes, peer: bytes = b"") -> Message | None:
         """`accept` for a message of one body frame (the common case, kept short)."""
         if type(header) is Data and header.version == 1 and not header.ttl_ms:
-            c = self.counters
-            c["messages_in"] += 1
-            c["bytes_in"] += len(body)
+            self.messages_in += 1
+            self.bytes_in += len(body)
             return Message(header, [body], b"", peer)
         return self.accept(header, [body], peer)
 
@@ -437,13 +444,12 @@ class PullMachine:
                 f"{PROTOCOL_VERSION}) from sender {header.sender.hex()}; upgrade the older side",
             )
             return None
-        c = self.counters
         if type(header) is Data:
             if header.ttl_ms and header.expired(self._wall_ns()):
-                c["expired"] += 1
+                self.counters["expired"] += 1
                 return None
-            c["messages_in"] += 1
-            c["bytes_in"] += sum(map(len, frames))
+            self.messages_in += 1
+            self.bytes_in += sum(map(len, frames))
             return Message(header, frames, b"", peer)
         if len(frames) != 1:
             self.bad(peer, "garbage", f"a batch of {len(frames)} frames (a batch has one)")
@@ -472,10 +478,9 @@ class PullMachine:
             data = Data(1, sender, first + i, created[i], headers, priority, 1, b"", "", ttl, 0, 1)
             msgs[i] = Message(data, [bodies[i]], b"", peer)
         self.ready.extend(msgs)
-        c = self.counters
-        c["batches_in"] += 1
-        c["messages_in"] += n
-        c["bytes_in"] += sum(map(len, bodies))
+        self.counters["batches_in"] += 1
+        self.messages_in += n
+        self.bytes_in += sum(map(len, bodies))
         return self.pop()
 
     def pop(self) -> Message | None:
@@ -491,9 +496,8 @@ class PullMachine:
     def expired(self, msg: Message) -> bool:
         """True (and counted) when a message from `ready` outlived its TTL while it waited."""
         if msg.header.expired(self._wall_ns()):
-            c = self.counters
-            c["expired"] += 1
-            c["messages_in"] -= 1
+            self.counters["expired"] += 1
+            self.messages_in -= 1  # counted with its batch, never handed out
             return True
         return False
 
