@@ -201,11 +201,11 @@ class AsyncStreamer:
     async def run(self) -> None:
         pull: zmq.asyncio.Socket = self._pull  # type: ignore[assignment]
         push: zmq.asyncio.Socket = self._push  # type: ignore[assignment]
+        counters = self.metrics.counters  # the dict, held: no property read per message
         try:
             while True:
                 frames = await pull.recv_multipart(copy=False)
                 await push.send_multipart(frames, copy=False)
-                counters = self.metrics.counters
                 counters["messages_in"] = counters.get("messages_in", 0) + 1
                 counters["messages_out"] = counters.get("messages_out", 0) + 1
                 nbytes = sum(map(len, frames))

@@ -145,8 +145,8 @@ def observe_age(metrics: Metrics, header: bytes, name: str = "latency") -> None:
     Relays call this once per wake-up with the header of the last message of
     the batch, not per message: one decode (~0.25 us) per batch of up to
     hundreds keeps the hot path cheap, and under light load every message is
-    one batch, so it is still seen. A pipeline `Inline` frame is read for its
-    Data header. Frames that are not a zmqmesh header (a plain REQ client, a
+    one batch, so it is still seen. An `Inline` frame (a small pipeline
+    message or request) is read for its Data header. Frames that are not a zmqmesh header (a plain REQ client, a
     pipeline `Batch`) are skipped, not counted as errors.
     The age compares two hosts' wall clocks when the sender is remote.
     """
