@@ -187,6 +187,7 @@ class Publisher:
         )
         self._first_flags = _SNDMORE | (zmq.NOBLOCK if when_full == "skip" else 0)
         self._message = self._m.message
+        self._inline_max = self._m.inline_max
         self._peers = Peers(source, f"publisher {name}")
         self._lock: threading.Lock | None = None
         self._thread: threading.Thread | None = None
@@ -217,8 +218,11 @@ class Publisher:
             # One send per frame: pyzmq's send_multipart costs about twice as much.
             # XPUB takes or refuses a message on its first frame; the rest follow.
             _send_frame(sock, t, self._first_flags, True)
-            _send_frame(sock, header, _SNDMORE, True)
-            _send_frame(sock, b, 0, True)
+            if len(b) <= self._inline_max:  # [topic, Inline]
+                _send_frame(sock, header, 0, True)
+            else:
+                _send_frame(sock, header, _SNDMORE, True)
+                _send_frame(sock, b, 0, True)
         except zmq.Again:
             self.metrics.counters["messages_dropped"] += 1
             return False
@@ -234,8 +238,11 @@ class Publisher:
         sock = self._sock
         try:
             _send_frame(sock, topic, self._first_flags, True)
-            _send_frame(sock, header, _SNDMORE, True)
-            _send_frame(sock, body, 0, True)
+            if len(body) <= self._inline_max:  # [topic, Inline]
+                _send_frame(sock, header, 0, True)
+            else:
+                _send_frame(sock, header, _SNDMORE, True)
+                _send_frame(sock, body, 0, True)
         except zmq.Again:
             self.metrics.counters["messages_dropped"] += 1
             return False
@@ -437,21 +444,23 @@ class AsyncPublisher:
         b = body if type(body) is bytes else body_bytes(body)
         header = self._m.message(t, b, headers, _time_ns())
         plain = self._plain
+        inline = len(b) <= self._m.inline_max  # [topic, Inline], else [topic, header, body]
         try:
             if self._when_full == "drop":
                 _send_frame(plain, t, _SNDMORE, True)
+            else:
+                try:
+                    _send_frame(plain, t, _SNDMORE | zmq.NOBLOCK, True)
+                except zmq.Again:
+                    if self._when_full == "skip":
+                        self.metrics.counters["messages_dropped"] += 1
+                        return False
+                    await self._send_when_room(t)
+            if inline:
+                _send_frame(plain, header, 0, True)
+            else:
                 _send_frame(plain, header, _SNDMORE, True)
                 _send_frame(plain, b, 0, True)
-                return True
-            try:
-                _send_frame(plain, t, _SNDMORE | zmq.NOBLOCK, True)
-            except zmq.Again:
-                if self._when_full == "skip":
-                    self.metrics.counters["messages_dropped"] += 1
-                    return False
-                await self._send_when_room(t)
-            _send_frame(plain, header, _SNDMORE, True)
-            _send_frame(plain, b, 0, True)
             return True
         except zmq.ZMQError as exc:
             raise send_error(exc, f"publisher {self.name}: publishing on {t!r}") from exc

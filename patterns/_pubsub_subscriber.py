@@ -53,29 +53,29 @@ def _read(recv: Callable[..., Any], machine: SubscriberMachine, flags: int = 0) 
     pyzmq's recv_multipart asks libzmq for RCVMORE through getsockopt after
     every frame, and a `copy=False` receive (a Frame, which knows `more`)
     costs four times a copying one; both cost more than the receive itself.
-    So the topic is received as plain bytes without asking, and the header
-    and body frames as Frames, which do say whether more follow. A message
-    arrives whole or not at all, so the frames after the first never wait:
-    they are read with NOBLOCK, and `zmq.Again` there means the topic was a
-    message by itself. If it was, and the next message was already waiting,
-    the machine sees that next message's topic where the header belongs
-    and re-reads the parts (`SubscriberMachine.accept`).
+    So the topic is received as plain bytes without asking, and the frames
+    after it as Frames, which do say whether more follow: two frames are
+    `[topic, Inline]`, more are `[topic, header, body...]`. A message arrives
+    whole or not at all, so the frames after the first never wait: they are
+    read with NOBLOCK, and `zmq.Again` there means the topic was a message by
+    itself. If it was, and the next message was already waiting, the machine
+    sees that next message's topic where the header belongs and re-reads the
+    parts (`SubscriberMachine.accept`).
     """
     topic = recv(flags)
     try:
-        header = recv(_NOBLOCK, False)
+        second = recv(_NOBLOCK, False)
     except zmq.Again:
         machine.truncated(1)
         return None
-    if not header.more:
-        machine.truncated(2, header)
-        return None
+    if not second.more:
+        return machine.accept_inline(topic, second)
     frame = recv(0, False)
     body = [frame.bytes]
     while frame.more:
         frame = recv(0, False)
         body.append(frame.bytes)
-    return machine.accept(topic, header, body)
+    return machine.accept(topic, second, body)
 
 
 class _SubscriberCore:

@@ -20,7 +20,8 @@ from patterns._proto.pubsub import (
     SubscriptionTracker,
     parse_subscription,
 )
-from zmqmesh import PROTOCOL_VERSION, Data, Reply, decode_header, encode_header
+from zmqmesh import PROTOCOL_VERSION, Data, Reply, encode_header
+from zmqmesh._envelope import Inline, read_envelope
 from zmqmesh.testing import ManualClock
 
 
@@ -29,7 +30,9 @@ def _ns(clock: ManualClock) -> int:
 
 
 def _frames(pub: PublisherMachine, topic: bytes, body: bytes, clock: ManualClock) -> list[bytes]:
-    return [topic, pub.message(topic, body, None, _ns(clock)), body]
+    """The frames a Publisher sends: `[topic, Inline]` for a small body, else three."""
+    frame = pub.message(topic, body, None, _ns(clock))
+    return [topic, frame] if len(body) <= pub.inline_max else [topic, frame, body]
 
 
 def _raw(sender: bytes, topic: bytes, topic_seq: int, body: bytes = b"x") -> list[bytes]:
@@ -47,8 +50,8 @@ def test_publisher_numbers_per_publisher_and_per_topic() -> None:
     for topic in (b"a", b"b", b"a", b"a", b"b"):
         clock.advance(0.5)
         frame = pub.message(topic, b"body", {"k": "v"}, _ns(clock))
-        header = decode_header(frame)
-        assert isinstance(header, Data)
+        header, body, inline = read_envelope([frame])  # a small body: inline
+        assert isinstance(header, Data) and body == [b"body"] and inline
         headers.append(header)
     assert [h.seq for h in headers] == [1, 2, 3, 4, 5]
     assert [h.topic_seq for h in headers] == [1, 1, 2, 3, 2]
@@ -282,6 +285,41 @@ def test_a_lone_frame_read_together_with_the_next_message_is_resynchronised() ->
     assert sub.metrics.get("decode_errors") == 1
     assert sub.accept(b"t", b"\xc1junk", [b"\xc1not a header", b"x"]) is None
     assert sub.metrics.get("decode_errors") == 2
+
+
+def test_small_bodies_go_inline_large_ones_in_three_frames() -> None:
+    clock = ManualClock()
+    pub = PublisherMachine(inline_max=8)
+    sub = SubscriberMachine()
+    small, large = _frames(pub, b"t", b"12345678", clock), _frames(pub, b"t", b"123456789", clock)
+    assert len(small) == 2 and len(large) == 3
+    inline = msgspec.msgpack.decode(small[1], type=Inline)
+    assert (inline.body, inline.header.topic_seq, inline.header.sender) == (
+        b"12345678",
+        1,
+        pub.sender,
+    )
+    got = [sub.receive(small), sub.receive(large)]
+    assert [(m.body, m.header.topic_seq) for m in got if m] == [(b"12345678", 1), (b"123456789", 2)]
+    assert sub.metrics.get("bytes_in") == 17 and sub.gaps == {}
+    assert len(_frames(PublisherMachine(inline_max=0), b"t", b"", clock)) == 3
+
+
+def test_bad_inline_messages_are_counted_and_a_lone_topic_before_one_resynchronises() -> None:
+    sub = SubscriberMachine()
+    newer = Data(PROTOCOL_VERSION + 1, b"S" * 8, 1, 0, topic_seq=1)
+    for frames in (
+        [b"t", msgspec.msgpack.encode(Inline(PROTOCOL_VERSION, newer, b"x"))],  # inner version
+        [b"t", msgspec.msgpack.encode(Inline(PROTOCOL_VERSION + 1, newer, b"x"))],
+        [b"t", encode_header(Data(PROTOCOL_VERSION, b"S" * 8, 1, 0))],  # a header, no body
+    ):
+        assert sub.receive(frames) is None
+    assert sub.metrics.get("decode_errors") == 3
+    good = Data(PROTOCOL_VERSION, b"S" * 8, 1, 0, topic_seq=1)
+    frame = msgspec.msgpack.encode(Inline(PROTOCOL_VERSION, good, b"body"))
+    msg = sub.accept(b"lone", b"t", [frame])  # [lone] then [t, Inline], read as one
+    assert msg is not None and (msg.topic, msg.body) == (b"t", b"body")
+    assert sub.metrics.get("decode_errors") == 4  # the lone frame
 
 
 def test_a_failing_gap_callback_is_logged_and_counted(caplog: pytest.LogCaptureFixture) -> None:

@@ -146,8 +146,9 @@ def observe_age(metrics: Metrics, header: bytes, name: str = "latency") -> None:
     the batch, not per message: one decode (~0.25 us) per batch of up to
     hundreds keeps the hot path cheap, and under light load every message is
     one batch, so it is still seen. An `Inline` frame (a small pipeline
-    message or request) is read for its Data header. Frames that are not a zmqmesh header (a plain REQ client, a
-    pipeline `Batch`) are skipped, not counted as errors.
+    message, request or published message) is read for its Data header.
+    Frames that are not a zmqmesh header (a plain REQ client, a pipeline
+    `Batch`) are skipped, not counted as errors.
     The age compares two hosts' wall clocks when the sender is remote.
     """
     try:

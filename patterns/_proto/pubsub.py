@@ -2,7 +2,10 @@
 
 Wire (DESIGN.md section 2): `[topic, Data header, body...]`. The topic comes
 first so that ZeroMQ's prefix filtering works on it (zguide chapter 2,
-"Pub-Sub Message Envelopes").
+"Pub-Sub Message Envelopes"). A message of one body of at most `inline_max`
+bytes (8 KiB) is `[topic, Inline]` instead, the header and the body in one
+frame (zmqmesh._envelope): as many frames as a bare `[topic, body]`, which
+in pyzmq is most of what a small message costs. Subscribers read both forms.
 
 Sequencing. `Data.seq` counts every message of a publisher (it is half of the
 message id), so a subscriber that filters by prefix sees jumps in it that are
@@ -55,6 +58,7 @@ from zmqmesh import (
     RemoteProtocolError,
     decode_header,
 )
+from zmqmesh._envelope import INLINE_MAX, Inline
 
 from .ppp import LogOnce
 
@@ -78,6 +82,7 @@ _NO_LIMIT: Final = 1 << 62
 # encoding as zmqmesh.encode_header); anything else goes through decode_header.
 _encode: Final = msgspec.msgpack.Encoder().encode
 _decode_data: Final = msgspec.msgpack.Decoder(Data).decode
+_decode_inline: Final = msgspec.msgpack.Decoder(Inline).decode
 #: Streams remembered per subscriber before the oldest half is forgotten.
 DEFAULT_MAX_STREAMS: Final = 100_000
 
@@ -158,6 +163,7 @@ class PublisherMachine:
         "_log_once",
         "_topic_seqs",
         "cache",
+        "inline_max",
         "metrics",
         "name",
         "sender",
@@ -165,8 +171,12 @@ class PublisherMachine:
         "tracker",
     )
 
-    def __init__(self, *, last_value: bool = False, name: str = "publisher") -> None:
+    def __init__(
+        self, *, last_value: bool = False, name: str = "publisher", inline_max: int = INLINE_MAX
+    ) -> None:
         self.name = name
+        #: The largest body sent inline, `[topic, Inline]` (0: never).
+        self.inline_max = inline_max if inline_max > 0 else -1  # -1: not even an empty body
         # A fresh random sender id per publisher: a restart is a new stream.
         self.sender = IdSource().sender
         self.seq = 0  # messages published, all topics (the message-id counter)
@@ -189,36 +199,37 @@ class PublisherMachine:
     def message(
         self, topic: bytes, body: bytes, headers: dict[str, str] | None, now_ns: int
     ) -> bytes:
-        """The header of the next message on `topic` (the hot path: keep it lean).
+        """The next message on `topic` after its topic frame (the hot path: keep it lean).
 
-        The driver sends `[topic, header, body]`.
+        For a body of at most `inline_max` bytes that is the one `Inline`
+        frame (the driver sends `[topic, frame]`), else the Data header (the
+        driver sends `[topic, header, body]`).
         """
         self.seq = seq = self.seq + 1
         seqs = self._topic_seqs
         topic_seq = seqs.get(topic, 0) + 1
         seqs[topic] = topic_seq
-        # Positional arguments in field order: measurably cheaper than keywords.
-        header = _encode(
-            Data(
-                PROTOCOL_VERSION,
-                self.sender,
-                seq,
-                now_ns,
-                _NO_HEADERS if headers is None else headers,
-                0,
-                1,
-                b"",
-                "",
-                0,
-                topic_seq,
-            )
-        )
-        cache = self.cache
-        if cache is not None:
-            cache.store(topic, [topic, header, body])
+        hdrs = _NO_HEADERS if headers is None else headers
         c = self._c
         c["messages_out"] += 1
         c["bytes_out"] += len(body)
+        cache = self.cache
+        if len(body) <= self.inline_max:
+            # Encoded from tuples, which msgspec writes as the Structs (array_like:
+            # [tag, fields...]); the Data fields after topic_seq keep their defaults.
+            frame = _encode(
+                (4, PROTOCOL_VERSION, (0, PROTOCOL_VERSION, self.sender, seq, now_ns, hdrs, 0, 1,
+                 b"", "", 0, topic_seq), body)
+            )  # fmt: skip
+            if cache is not None:
+                cache.store(topic, [topic, frame])
+            return frame
+        # Positional arguments in field order: measurably cheaper than keywords.
+        header = _encode(
+            Data(PROTOCOL_VERSION, self.sender, seq, now_ns, hdrs, 0, 1, b"", "", 0, topic_seq)
+        )
+        if cache is not None:
+            cache.store(topic, [topic, header, body])
         return header
 
     def subscription(self, frames: list[bytes]) -> list[list[bytes]]:
@@ -350,13 +361,15 @@ class SubscriberMachine:
 
     def receive(self, frames: list[bytes]) -> Message | None:
         """Check one multipart message, given as a list of frames."""
+        if len(frames) == 2:
+            return self.accept_inline(frames[0], frames[1])
         if len(frames) < 3:
             self.truncated(len(frames))
             return None
         return self.accept(frames[0], frames[1], frames[2:])
 
     def truncated(self, nframes: int, frame: object = None) -> None:
-        """Count a message too short to be `[topic, header, body...]`.
+        """Count a message too short to be `[topic, header, body...]` or `[topic, Inline]`.
 
         `frame`, one of its frames if the driver has one, may tell the peer.
         """
@@ -373,6 +386,27 @@ class SubscriberMachine:
             return self._not_data(topic, header_frame, body)
         if header.version != PROTOCOL_VERSION:
             return self._not_data(topic, header_frame, body)
+        return self._deliver(topic, header, body, len(header_frame))
+
+    def accept_inline(self, topic: bytes, frame: bytes) -> Message | None:
+        """Check a `[topic, Inline]` message (the hot path: keep it lean).
+
+        `frame` may be any buffer (a zmq.Frame works without a copy).
+        """
+        try:
+            inline = _decode_inline(frame)
+        except msgspec.DecodeError:
+            return self._not_inline(topic, frame)
+        header = inline.header
+        if inline.version != PROTOCOL_VERSION or header.version != PROTOCOL_VERSION:
+            return self._not_inline(topic, frame)
+        body = inline.body
+        return self._deliver(topic, header, [body], len(frame) - len(body))
+
+    def _deliver(
+        self, topic: bytes, header: Data, body: list[bytes], header_size: int
+    ) -> Message | None:
+        """Numbering and size checks of a decoded message: the `Message`, or None."""
         topic_seq = header.topic_seq
         if topic_seq:  # 0: the sender does not number its topics; nothing to check
             key = (header.sender, topic)
@@ -388,9 +422,9 @@ class SubscriberMachine:
                 self._gap(Gap(header.sender, topic, topic_seq - last - 1, last + 1, topic_seq))
             streams[key] = topic_seq
         size = len(body[0]) if len(body) == 1 else sum(map(len, body))
-        if size + len(topic) + len(header_frame) > self.max_message_size:
+        if size + len(topic) + header_size > self.max_message_size:
             # Numbered above: the stream goes on without a false gap; it is counted here.
-            self._oversized(header.sender, topic, size + len(topic) + len(header_frame))
+            self._oversized(header.sender, topic, size + len(topic) + header_size)
             return None
         c = self._c
         c["messages_in"] += 1
@@ -407,6 +441,24 @@ class SubscriberMachine:
             b"kind",
             f"a message on topic {topic!r} with a {type(header).__name__} header",
             header_frame,
+        )
+        return None
+
+    def _not_inline(self, topic: bytes, frame: bytes) -> Message | None:
+        # The slow path of a two-frame message: a lone topic read together with
+        # the next message's topic (see `_resync`), or garbage; say which.
+        try:
+            header = decode_header(frame)
+        except RemoteProtocolError as exc:
+            reason = str(exc)
+            kind = b"version" if "protocol version" in reason else b"header"
+            self._garbage(kind, f"a message on topic {topic!r}: {reason}", frame)
+            return None
+        self._garbage(
+            b"kind",
+            f"a two-frame message on topic {topic!r} with a {type(header).__name__} header "
+            "and no body",
+            frame,
         )
         return None
 
@@ -435,6 +487,14 @@ class SubscriberMachine:
                 if type(header) is Data:
                     self.truncated(1, header_frame)
                     return self.accept(bytes(memoryview(header_frame)), body[0], body[1:])
+        elif len(body) == 1:
+            try:
+                _decode_inline(body[0])
+            except msgspec.DecodeError:
+                pass
+            else:  # the next message was [topic, Inline]
+                self.truncated(1, header_frame)
+                return self.accept_inline(bytes(memoryview(header_frame)), body[0])
         kind = b"version" if "protocol version" in reason else b"header"
         self._garbage(kind, f"a message on topic {first!r}: {reason}", header_frame)
         return None
