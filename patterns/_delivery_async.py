@@ -30,6 +30,7 @@ from zmqmesh import (
     Timeout,
     message_id,
 )
+from zmqmesh._context import shared_context
 from zmqmesh._spool import _SpoolBase
 from zmqmesh._spool_async import AsyncSpool
 
@@ -129,7 +130,7 @@ class AsyncAckedPusher(AsyncPusher):
         self._spool: AsyncSpool | None = None
         self._owns_spool = False
         self._link = Link(
-            ctx or zmq.asyncio.Context.instance(),
+            ctx or shared_context(zmq.asyncio.Context),
             zmq.DEALER,
             bind=bind,
             connect=connect,
@@ -329,7 +330,7 @@ class AsyncAckedPuller(AsyncPuller):
         self.dedup: AsyncSpool | None = None
         self._owns_dedup = False
         self._link = Link(
-            ctx or zmq.asyncio.Context.instance(),
+            ctx or shared_context(zmq.asyncio.Context),
             zmq.ROUTER,
             bind=bind,
             connect=connect,

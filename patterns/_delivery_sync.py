@@ -28,6 +28,7 @@ from zmqmesh import (
     Timeout,
     message_id,
 )
+from zmqmesh._context import shared_context
 from zmqmesh._spool import Spool
 
 from ._delivery_core import (
@@ -122,7 +123,7 @@ class AckedPusher(Pusher):
         try:
             restore(self.spool, self._window)
             self._link = Link(
-                ctx or zmq.Context.instance(),
+                ctx or shared_context(),
                 zmq.DEALER,
                 bind=bind,
                 connect=connect,
@@ -316,7 +317,7 @@ class AckedPuller(Puller):
             self.dedup, self._owns_dedup = open_spool(dedup, self._what)
         try:
             self._link = Link(
-                ctx or zmq.Context.instance(),
+                ctx or shared_context(),
                 zmq.ROUTER,
                 bind=bind,
                 connect=connect,

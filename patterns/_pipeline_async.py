@@ -36,6 +36,7 @@ from zmqmesh import (
     RemoteProtocolError,
     Timeout,
 )
+from zmqmesh._context import shared_context
 
 from ._delivery_core import SpoolArg, puller_delivery, pusher_delivery
 from ._pipeline_core import Outgoing, SendCore
@@ -290,7 +291,7 @@ class AsyncPusher(_AsyncSender):
         )
         self.metrics = self._core.metrics
         self._link = Link(
-            ctx or zmq.asyncio.Context.instance(),
+            ctx or shared_context(zmq.asyncio.Context),
             zmq.PUSH,
             bind=bind,
             connect=connect,
@@ -488,7 +489,7 @@ class AsyncPuller(_AsyncReceiver):
         self._ready = self._machine.ready
         self.metrics = self._machine.metrics
         self._link = Link(
-            ctx or zmq.asyncio.Context.instance(),
+            ctx or shared_context(zmq.asyncio.Context),
             zmq.PULL,
             bind=bind,
             connect=connect,
@@ -532,7 +533,7 @@ class AsyncRouter(_AsyncSender, _AsyncReceiver):
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, metrics=self.metrics)
         self._ready = self._machine.ready
         self._link = Link(
-            ctx or zmq.asyncio.Context.instance(),
+            ctx or shared_context(zmq.asyncio.Context),
             zmq.ROUTER,
             bind=bind,
             connect=connect,
@@ -595,7 +596,7 @@ class AsyncDealer(_AsyncSender, _AsyncReceiver):
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, metrics=self.metrics)
         self._ready = self._machine.ready
         self._link = Link(
-            ctx or zmq.asyncio.Context.instance(),
+            ctx or shared_context(zmq.asyncio.Context),
             zmq.DEALER,
             bind=bind,
             connect=connect,

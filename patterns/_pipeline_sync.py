@@ -29,6 +29,7 @@ from zmqmesh import (
     RemoteProtocolError,
     Timeout,
 )
+from zmqmesh._context import shared_context
 
 from ._delivery_core import SpoolArg, puller_delivery, pusher_delivery
 from ._pipeline_core import Outgoing, SendCore
@@ -306,7 +307,7 @@ class Pusher(_Sender):
         )
         self.metrics = self._core.metrics
         self._link = Link(
-            ctx or zmq.Context.instance(),
+            ctx or shared_context(),
             zmq.PUSH,
             bind=bind,
             connect=connect,
@@ -324,6 +325,7 @@ class Pusher(_Sender):
         self._limit = core.limit
         self._mint = core.machine.header
         self._inline = core.machine.inline
+        self._plain_frame = core.machine.plain
         self._inline_max = core.machine.inline_max
         # Bodies up to this size take send's hot path (-1: none do); a body over
         # max_message_size goes the long way round, to be refused there.
@@ -358,7 +360,7 @@ class Pusher(_Sender):
             # The hot path (no batching, no source): one inline frame, one Cython send.
             if headers is None and not priority and ttl is None:
                 # A plain frame is within max_message_size by `_fast_max`'s making.
-                one = self._inline(body, _time_ns())
+                one = self._plain_frame(body, _time_ns())
             else:
                 one = self._inline(
                     body, _time_ns(), headers, priority, 0 if ttl is None else ttl_ms(ttl)
@@ -528,7 +530,7 @@ class Puller(_Receiver):
         self._ready = self._machine.ready
         self.metrics = self._machine.metrics
         self._link = Link(
-            ctx or zmq.Context.instance(),
+            ctx or shared_context(),
             zmq.PULL,
             bind=bind,
             connect=connect,
@@ -598,7 +600,7 @@ class Router(_Sender, _Receiver):
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, metrics=self.metrics)
         self._ready = self._machine.ready
         self._link = Link(
-            ctx or zmq.Context.instance(),
+            ctx or shared_context(),
             zmq.ROUTER,
             bind=bind,
             connect=connect,
@@ -665,7 +667,7 @@ class Dealer(_Sender, _Receiver):
         self._machine = PullMachine(name=self._what, wall_ns=_time_ns, metrics=self.metrics)
         self._ready = self._machine.ready
         self._link = Link(
-            ctx or zmq.Context.instance(),
+            ctx or shared_context(),
             zmq.DEALER,
             bind=bind,
             connect=connect,

@@ -37,6 +37,7 @@ from zmqmesh import (
     make_socket,
     observe_age,
 )
+from zmqmesh._context import shared_context
 from zmqmesh._deadletter import DeadLetter, DeadLetterSink, MemoryDeadLetters
 from zmqmesh._errors import SpoolError
 from zmqmesh._spool import Spool, SpoolDeadLetters
@@ -388,7 +389,7 @@ class Queue:
         spool: SpoolArg = None,
         peers: _PeerTable | None = None,
     ) -> None:
-        self._ctx = ctx or zmq.Context.instance()
+        self._ctx = ctx or shared_context()
         self._core = _QueueCore(
             self._ctx,
             frontend,
@@ -559,7 +560,7 @@ class AsyncQueue:
         spool: SpoolArg = None,
         peers: _PeerTable | None = None,
     ) -> None:
-        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._ctx = ctx or shared_context(zmq.asyncio.Context)
         self._core = _QueueCore(
             self._ctx,  # type: ignore[arg-type]
             frontend,

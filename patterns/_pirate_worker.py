@@ -41,6 +41,7 @@ from zmqmesh import (
     make_socket,
     validate_key,
 )
+from zmqmesh._context import shared_context
 
 from ._proto.pirate_worker import Close, Open, Send, WorkerMachine, WorkItem
 
@@ -303,7 +304,7 @@ class Worker:
         node_id: str | None = None,
         announce: bool = True,
     ) -> None:
-        self._ctx = ctx or zmq.Context.instance()
+        self._ctx = ctx or shared_context()
         self._core = _WorkerCore(
             self._ctx,
             connect=connect,
@@ -458,7 +459,7 @@ class AsyncWorker:
         node_id: str | None = None,
         announce: bool = True,
     ) -> None:
-        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._ctx = ctx or shared_context(zmq.asyncio.Context)
         self._core = _WorkerCore(
             self._ctx,  # type: ignore[arg-type]
             connect=connect,

@@ -31,6 +31,7 @@ from zmqmesh import (
     ZapGuard,
     observe_age,
 )
+from zmqmesh._context import shared_context
 
 from ._proto.pubsub import ForwarderMachine
 from ._pubsub_common import (
@@ -248,7 +249,7 @@ class Forwarder(_Common):
         name: str = "forwarder",
     ) -> None:
         self._core = _ForwarderCore(
-            ctx or zmq.Context.instance(),
+            ctx or shared_context(),
             frontend=frontend,
             backend=backend,
             frontend_connect=frontend_connect,
@@ -333,7 +334,7 @@ class AsyncForwarder(_Common):
         name: str = "forwarder",
     ) -> None:
         self._core = _ForwarderCore(
-            ctx or zmq.asyncio.Context.instance(),
+            ctx or shared_context(zmq.asyncio.Context),
             frontend=frontend,
             backend=backend,
             frontend_connect=frontend_connect,

@@ -31,6 +31,7 @@ from zmqmesh import (
     Timeout,
     ZapGuard,
 )
+from zmqmesh._context import shared_context
 
 from ._proto.pubsub import PublisherMachine
 from ._pubsub_common import (
@@ -174,7 +175,7 @@ class Publisher:
         self.metrics = self._m.metrics
         self.metrics.counters["messages_dropped"] = 0
         self._sock, self.endpoints, self._guard = _xpub(
-            ctx or zmq.Context.instance(),
+            ctx or shared_context(),
             bind=bind,
             connect=connect,
             source=source,
@@ -403,7 +404,7 @@ class AsyncPublisher:
         self.metrics = self._m.metrics
         self.metrics.counters["messages_dropped"] = 0
         self._sock, self.endpoints, self._guard = _xpub(
-            ctx or zmq.asyncio.Context.instance(),
+            ctx or shared_context(zmq.asyncio.Context),
             bind=bind,
             connect=connect,
             source=source,

@@ -27,6 +27,7 @@ from zmqmesh import (
     Timeout,
     connect,
 )
+from zmqmesh._context import shared_context
 
 from ._proto.pubsub import DEFAULT_MAX_STREAMS, GapCallback, SubscriberMachine
 from ._pubsub_common import (
@@ -264,7 +265,7 @@ class Subscriber(_Common):
         name: str = "subscriber",
     ) -> None:
         self._core = _SubscriberCore(
-            ctx or zmq.Context.instance(),
+            ctx or shared_context(),
             connect=connect,
             bind=bind,
             topics=topics,
@@ -371,7 +372,7 @@ class AsyncSubscriber(_Common):
         name: str = "subscriber",
     ) -> None:
         self._core = _SubscriberCore(
-            ctx or zmq.asyncio.Context.instance(),
+            ctx or shared_context(zmq.asyncio.Context),
             connect=connect,
             bind=bind,
             topics=topics,

@@ -41,6 +41,7 @@ from zmqmesh import (
     parse_endpoint,
     validate_key,
 )
+from zmqmesh._context import shared_context
 from zmqmesh._envelope import inline_limit
 
 from ._proto.reqrep import Action, ClientMachine, Close, Failed, Open, Outcome, Send
@@ -242,7 +243,7 @@ class Client:
         name: str = "client",
     ) -> None:
         self._core = _ClientCore(
-            ctx or zmq.Context.instance(),
+            ctx or shared_context(),
             connect=connect,
             source=source,
             timeout=timeout,
@@ -431,7 +432,7 @@ class AsyncClient:
         name: str = "client",
     ) -> None:
         self._core = _ClientCore(
-            ctx or zmq.asyncio.Context.instance(),  # type: ignore[arg-type]
+            ctx or shared_context(zmq.asyncio.Context),  # type: ignore[arg-type]
             connect=connect,
             source=source,
             timeout=timeout,

@@ -38,6 +38,7 @@ from zmqmesh import (
     guard_server,
     make_socket,
 )
+from zmqmesh._context import shared_context
 from zmqmesh._envelope import inline_limit
 
 from ._proto.reqrep_server import ServerMachine, ServerRequest
@@ -241,7 +242,7 @@ class Server:
         max_message_size: int | None = DEFAULT_MAX_MESSAGE_SIZE,
         name: str = "server",
     ) -> None:
-        self._ctx = ctx or zmq.Context.instance()
+        self._ctx = ctx or shared_context()
         self._core = _ServerCore(
             self._ctx,
             handler,
@@ -490,7 +491,7 @@ class AsyncServer:
     ) -> None:
         if max_concurrency < 1:
             raise LocalProtocolError(f"max_concurrency must be >= 1, got {max_concurrency}")
-        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._ctx = ctx or shared_context(zmq.asyncio.Context)
         self._core = _ServerCore(
             self._ctx,  # type: ignore[arg-type]
             handler,

@@ -28,6 +28,7 @@ from zmqmesh import (
     make_socket,
     observe_age,
 )
+from zmqmesh._context import shared_context
 
 __all__ = ["AsyncStreamer", "Streamer"]
 
@@ -93,7 +94,7 @@ class Streamer:
         hwm: int = DEFAULT_HWM,
         name: str = "streamer",
     ) -> None:
-        self._ctx = ctx or zmq.Context.instance()
+        self._ctx = ctx or shared_context()
         self.metrics = Metrics(name)
         self._pull = make_socket(self._ctx, zmq.PULL, rcvhwm=hwm, curve=curve)
         self._push = make_socket(self._ctx, zmq.PUSH, sndhwm=hwm, curve=curve)
@@ -180,7 +181,7 @@ class AsyncStreamer:
         hwm: int = DEFAULT_HWM,
         name: str = "streamer",
     ) -> None:
-        self._ctx = ctx or zmq.asyncio.Context.instance()
+        self._ctx = ctx or shared_context(zmq.asyncio.Context)
         self.metrics = Metrics(name)
         self._pull = make_socket(self._ctx, zmq.PULL, rcvhwm=hwm, curve=curve)  # type: ignore[arg-type]
         self._push = make_socket(self._ctx, zmq.PUSH, sndhwm=hwm, curve=curve)  # type: ignore[arg-type]

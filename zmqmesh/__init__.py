@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._backoff import Backoff
 from ._clock import Clock, MonotonicClock
+from ._context import new_context, shared_context, tune_context
 from ._envelope import (
     PROTOCOL_VERSION,
     Ack,
@@ -123,6 +124,10 @@ __all__ = [
     "make_socket",
     "parse_endpoint",
     "random_tcp_endpoint",
+    # contexts
+    "new_context",
+    "shared_context",
+    "tune_context",
     # security
     "AsyncAuthenticator",
     "Authenticator",

@@ -40,6 +40,7 @@ import zmq
 from zmq.auth.base import Authenticator as _ZmqAuthenticator
 from zmq.utils.monitor import parse_monitor_message
 
+from ._context import shared_context
 from ._errors import LocalProtocolError, TransportError, map_zmq_errors
 from ._metrics import Metrics
 from ._security import TrustStore
@@ -196,7 +197,7 @@ class _ZapBase(abc.ABC):
     """What both authenticators share: domains, allow-list checks, refusal logs."""
 
     def __init__(self, ctx: zmq.Context[Any] | None, metrics: Metrics | None) -> None:
-        self.ctx: zmq.Context[Any] = ctx if ctx is not None else zmq.Context.instance()
+        self.ctx: zmq.Context[Any] = ctx if ctx is not None else shared_context()
         self.metrics = metrics if metrics is not None else Metrics("zap")
         self._guards: dict[str, ZapGuard] = {}
         self._address = "?"  # of the ZAP request being answered (one at a time)

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 
 import zmq
 
+from ._context import shared_context
 from ._sockets import close_socket, connect, make_socket
 
 __all__ = ["ManualClock", "async_wait_until", "raw_socket", "send_garbage", "wait_until"]
@@ -69,7 +70,7 @@ def raw_socket(
     kind: int, endpoint: str, *, ctx: zmq.Context[zmq.Socket[bytes]] | None = None
 ) -> zmq.Socket[bytes]:
     """A plain connected socket with linger 0, for speaking to a component by hand."""
-    sock = make_socket(ctx or zmq.Context.instance(), kind)
+    sock = make_socket(ctx or shared_context(), kind)
     try:
         connect(sock, endpoint)
     except BaseException:
@@ -80,7 +81,7 @@ def raw_socket(
 
 def send_garbage(endpoint: str, frames: Sequence[bytes], kind: int = zmq.DEALER) -> None:
     """Connect, send `frames` as one multipart message, and close (flushing first)."""
-    sock = make_socket(zmq.Context.instance(), kind)
+    sock = make_socket(shared_context(), kind)
     try:
         sock.linger = 1000  # this one message must leave before we close
         connect(sock, endpoint)

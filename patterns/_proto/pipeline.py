@@ -225,12 +225,17 @@ class PushMachine:
         A driver whose frame would be over `max_message_size` sends
         `split(frame)` instead.
         """
+        if not (headers or priority or ttl_ms):
+            return self.plain(body, created_ns)
         seq = self.seq = self.seq + 1
-        if headers or priority or ttl_ms:
-            return _encode(
-                (4, 1, (0, 1, self.sender, seq, created_ns, headers or _NO_HEADERS, priority, 1,
-                 b"", "", ttl_ms), body)
-            )  # fmt: skip
+        return _encode(
+            (4, 1, (0, 1, self.sender, seq, created_ns, headers or _NO_HEADERS, priority, 1,
+             b"", "", ttl_ms), body)
+        )  # fmt: skip
+
+    def plain(self, body: bytes, created_ns: int) -> bytes:
+        """`inline` for a message without headers, priority or TTL (the hot path)."""
+        seq = self.seq = self.seq + 1
         return _encode((4, 1, (0, 1, self.sender, seq, created_ns), body))
 
     @staticmethod

@@ -7,19 +7,39 @@ least `pattern`, `count`, `size`, `zmqmesh_msgs_per_s`, `raw_msgs_per_s` and
 process (`run_isolated`), so they share the machine's noise but not a GIL.
 Results are reported as ratios: the machines are shared and absolute numbers
 move from run to run.
+
+Both sides get the same kind of ZeroMQ context, `bench_context()`: by default
+the one zmqmesh makes (`zmqmesh._context`: IO threads that batch rather than
+preempt), with `--plain-context` pyzmq's default, so that each ratio compares
+the same environment and either can be measured.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sys
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
-__all__ = ["Progress", "ratio", "run_isolated"]
+__all__ = ["PLAIN_CONTEXT_ENV", "Progress", "bench_context", "ratio", "run_isolated"]
 
 R = TypeVar("R")
+
+#: Set (to "1") by `zmqmesh bench --plain-context`; spawned bench processes inherit it.
+PLAIN_CONTEXT_ENV: Final = "ZMQMESH_BENCH_PLAIN_CONTEXT"
+
+
+def bench_context(asyncio: bool = False) -> Any:
+    """A new context for either side of a bench: zmqmesh's kind, or plain with --plain-context."""
+    import zmq
+    import zmq.asyncio
+
+    from .._context import tune_context
+
+    ctx = zmq.asyncio.Context() if asyncio else zmq.Context()
+    return ctx if os.environ.get(PLAIN_CONTEXT_ENV) == "1" else tune_context(ctx)
 
 
 class Progress:

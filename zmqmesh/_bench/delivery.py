@@ -45,7 +45,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from .._errors import ConfigError
-from . import Progress, pipeline, pirate, ratio
+from . import Progress, bench_context, pipeline, pirate, ratio
 
 NAME = "delivery"
 HELP = "delivery contracts (acks, spool, de-dup, durable queue) vs raw pyzmq + sqlite3 by hand"
@@ -269,7 +269,9 @@ def _zmqmesh_sender(
     from zmqmesh._spool import Spool
 
     spool = Spool(path, fsync=fsync)  # type: ignore[arg-type]
-    pusher = AckedPusher(connect=endpoint, spool=spool, hwm=_HWM, window=_WINDOW, name="bench")
+    pusher = AckedPusher(
+        connect=endpoint, spool=spool, hwm=_HWM, window=_WINDOW, ctx=bench_context(), name="bench"
+    )
     try:
         if not pusher.wait_for_peer(30):
             raise RuntimeError("no puller connected within 30 s")
@@ -302,6 +304,7 @@ def _zmqmesh_receiver(
         delivery=contract,  # type: ignore[arg-type]
         dedup=dedup,
         hwm=_HWM,
+        ctx=bench_context(),
         name="bench",
     )
     try:
@@ -338,7 +341,7 @@ def _raw_sender(
     import zmq
 
     db = _open_db(path, fsync, "outbox (id INTEGER PRIMARY KEY, body BLOB NOT NULL)")
-    ctx = zmq.Context()
+    ctx = bench_context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.sndhwm = sock.rcvhwm = _HWM
@@ -399,7 +402,7 @@ def _raw_receiver(contract: str, count: int, fsync: str, path: str, report: Any,
     dedup = None
     if contract == "effectively-once":
         dedup = _open_db(path, fsync, "seen (id BLOB PRIMARY KEY)")
-    ctx = zmq.Context()
+    ctx = bench_context()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
     sock.sndhwm = sock.rcvhwm = _HWM
@@ -523,7 +526,13 @@ def _zmqmesh_queue(conn: Any, joined: Any, stop: Any, path: str | None, fsync: s
     from zmqmesh._spool import Spool
 
     spool = Spool(path, fsync=fsync) if path is not None else None  # type: ignore[arg-type]
-    q = Queue(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", spool=spool, name="bench")
+    q = Queue(
+        frontend="tcp://127.0.0.1:*",
+        backend="tcp://127.0.0.1:*",
+        spool=spool,
+        ctx=bench_context(),
+        name="bench",
+    )
     conn.send((q.frontend_endpoints[0], q.backend_endpoints[0]))
 
     def watch() -> None:
@@ -551,7 +560,7 @@ def _raw_durable_queue(conn: Any, joined: Any, stop: Any, path: str, fsync: str)
     import zmq
 
     db = _open_db(path, fsync, "requests (id INTEGER PRIMARY KEY, client BLOB, body BLOB)")
-    ctx = zmq.Context()
+    ctx = bench_context()
     frontend, backend = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
     frontend.linger = backend.linger = 0
     fport = frontend.bind_to_random_port("tcp://127.0.0.1")

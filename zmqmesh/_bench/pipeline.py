@@ -37,7 +37,7 @@ import time
 from typing import Any, Final
 
 from .._errors import ConfigError
-from . import Progress, ratio, run_isolated
+from . import Progress, bench_context, ratio, run_isolated
 
 NAME = "pipeline"
 HELP = "Pusher -> Puller vs raw pyzmq PUSH -> PULL (one frame per message)"
@@ -154,9 +154,8 @@ def _rate(count: int, reports: list[Any]) -> float:
 def _pusher_process(
     side: str, count: int, size: int, batch: bool, raw_mode: str, endpoint: str, results: Any
 ) -> None:
-    import zmq
 
-    ctx = zmq.Context()
+    ctx = bench_context()
     try:
         push = _zmqmesh_pusher if side == "zmqmesh" else _raw_pusher
         results.put(("start", push(ctx, endpoint, count, size, batch, raw_mode)))
@@ -169,9 +168,8 @@ def _pusher_process(
 def _puller_process(
     side: str, count: int, size: int, batch: bool, raw_mode: str, endpoint: str, results: Any
 ) -> None:
-    import zmq
 
-    ctx = zmq.Context()
+    ctx = bench_context()
     try:
         pull = _zmqmesh_puller if side == "zmqmesh" else _raw_puller
         results.put(("end", pull(ctx, endpoint, count, raw_mode, results.put)))
@@ -182,9 +180,8 @@ def _puller_process(
 
 
 def _inproc(side: str, count: int, size: int, batch: bool, raw_mode: str) -> float:
-    import zmq
 
-    ctx = zmq.Context()
+    ctx = bench_context()
     reports: queue.SimpleQueue[Any] = queue.SimpleQueue()
     push = _zmqmesh_pusher if side == "zmqmesh" else _raw_pusher
     pull = _zmqmesh_puller if side == "zmqmesh" else _raw_puller

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from multiprocessing.synchronize import Barrier, Event
 from typing import Any, Final
 
-from . import Progress, ratio
+from . import Progress, bench_context, ratio
 
 NAME = "pirate"
 HELP = "Paranoid Pirate queue + N workers vs a raw pyzmq LRU ROUTER-ROUTER relay"
@@ -145,7 +145,9 @@ def _zmqmesh_queue(conn: Any, workers: int, joined: Event, stop: Event) -> None:
 
     from patterns.pirate import Queue
 
-    queue = Queue(frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", name="bench")
+    queue = Queue(
+        frontend="tcp://127.0.0.1:*", backend="tcp://127.0.0.1:*", ctx=bench_context(), name="bench"
+    )
     conn.send((queue.frontend_endpoints[0], queue.backend_endpoints[0]))
 
     def watch() -> None:
@@ -166,7 +168,7 @@ def _zmqmesh_worker(backend: str) -> None:
     def echo(message: Any) -> bytes:
         return bytes(message.body)
 
-    Worker(connect=backend, handler=echo, name="bench").run()
+    Worker(connect=backend, handler=echo, ctx=bench_context(), name="bench").run()
 
 
 def _reqrep_client(
@@ -174,14 +176,12 @@ def _reqrep_client(
 ) -> None:
     import asyncio
 
-    import zmq.asyncio
-
     from patterns.reqrep import AsyncClient
 
     body = b"x" * size
 
     async def main() -> tuple[float, float]:
-        ctx = zmq.asyncio.Context()
+        ctx = bench_context(asyncio=True)
         try:
             async with AsyncClient(connect=frontend, ctx=ctx, timeout=60.0, retries=0) as client:
                 # One round trip first, so that connecting is not timed.
@@ -217,7 +217,7 @@ def _wire_client(
 
     from zmqmesh import PROTOCOL_VERSION, Data, Reply, decode_header, encode_header, message_id
 
-    ctx = zmq.Context()
+    ctx = bench_context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(frontend)
@@ -248,7 +248,7 @@ def _wire_client(
 def _raw_queue(conn: Any, workers: int, joined: Event, stop: Event) -> None:
     import zmq
 
-    ctx = zmq.Context()
+    ctx = bench_context()
     frontend = ctx.socket(zmq.ROUTER)
     backend = ctx.socket(zmq.ROUTER)
     frontend.linger = backend.linger = 0
@@ -294,7 +294,7 @@ def _raw_queue(conn: Any, workers: int, joined: Event, stop: Event) -> None:
 def _raw_worker(backend: str) -> None:
     import zmq
 
-    ctx = zmq.Context()
+    ctx = bench_context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(backend)
@@ -308,7 +308,7 @@ def _raw_client(
 ) -> None:
     import zmq
 
-    ctx = zmq.Context()
+    ctx = bench_context()
     sock = ctx.socket(zmq.DEALER)
     sock.linger = 0
     sock.connect(frontend)

@@ -41,7 +41,7 @@ import time
 from typing import Any, Final
 
 from .._errors import ConfigError
-from . import Progress, ratio, run_isolated
+from . import Progress, bench_context, ratio, run_isolated
 
 NAME = "pubsub"
 HELP = "Publisher -> Subscriber vs raw pyzmq PUB -> SUB with a topic frame"
@@ -176,9 +176,8 @@ def _rate(side: str, reports: list[tuple[str, float, int]]) -> tuple[float, int]
 def _publisher_process(
     side: str, endpoint: str, count: int, size: int, raw_mode: str, results: Any
 ) -> None:
-    import zmq
 
-    ctx = zmq.Context()
+    ctx = bench_context()
     try:
         publish = _zmqmesh_publisher if side == "zmqmesh" else _raw_publisher
         results.put(publish(ctx, endpoint, count, size, raw_mode, results.put))
@@ -189,9 +188,8 @@ def _publisher_process(
 
 
 def _subscriber_process(side: str, endpoint: str, count: int, raw_mode: str, results: Any) -> None:
-    import zmq
 
-    ctx = zmq.Context()
+    ctx = bench_context()
     try:
         subscribe = _zmqmesh_subscriber if side == "zmqmesh" else _raw_subscriber
         results.put(subscribe(ctx, endpoint, count, raw_mode))
@@ -204,9 +202,7 @@ def _subscriber_process(side: str, endpoint: str, count: int, raw_mode: str, res
 def _inproc(side: str, count: int, size: int, raw_mode: str) -> tuple[float, int]:
     import queue
 
-    import zmq
-
-    ctx = zmq.Context()
+    ctx = bench_context()
     endpoint = f"inproc://bench-{os.getpid()}"
     reports: queue.SimpleQueue[Any] = queue.SimpleQueue()
     publish = _zmqmesh_publisher if side == "zmqmesh" else _raw_publisher

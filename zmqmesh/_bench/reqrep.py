@@ -30,7 +30,7 @@ import time
 from typing import Any, Final
 
 from .._errors import ConfigError
-from . import Progress, ratio, run_isolated
+from . import Progress, bench_context, ratio, run_isolated
 
 NAME = "reqrep"
 HELP = "request-reply round trips (one in flight): Client/Server vs raw DEALER/ROUTER echo"
@@ -137,9 +137,8 @@ def _separate(transport: str, count: int, size: int) -> tuple[_Side, _Side]:
 
 def _inproc(count: int, size: int) -> tuple[_Side, _Side]:
     """Both servers on threads of this process (inproc needs one context)."""
-    import zmq
 
-    ctx = zmq.Context()
+    ctx = bench_context()
     threads = []
     endpoints = []
     for side, target in (("zmqmesh", _zmqmesh_server), ("raw", _raw_server)):
@@ -171,7 +170,7 @@ def _zmqmesh_server(endpoint: str, conn: Any, ctx: Any = None) -> None:
     def echo(message: Any) -> bytes:
         return message.body  # type: ignore[no-any-return]
 
-    server = Server(echo, bind=endpoint, ctx=ctx, name="bench")
+    server = Server(echo, bind=endpoint, ctx=ctx or bench_context(), name="bench")
     conn.send(server.endpoint)
     server.serve_forever()
 
@@ -179,7 +178,7 @@ def _zmqmesh_server(endpoint: str, conn: Any, ctx: Any = None) -> None:
 def _raw_server(endpoint: str, conn: Any, ctx: Any = None) -> None:
     import zmq
 
-    ctx = ctx or zmq.Context()
+    ctx = ctx or bench_context()
     sock = ctx.socket(zmq.ROUTER)
     sock.linger = 0
     if endpoint.startswith("tcp://") and endpoint.endswith(":*"):
@@ -210,7 +209,7 @@ def _client(
 
     from patterns.reqrep import Client
 
-    ctx = ctx or zmq.Context()
+    ctx = ctx or bench_context()
     body = b"x" * size
     client = Client(connect=ours_ep, ctx=ctx, timeout=30.0, retries=0, name="bench")
     raw = ctx.socket(zmq.DEALER)

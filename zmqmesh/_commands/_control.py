@@ -18,6 +18,7 @@ from typing import Final
 import msgspec
 import zmq
 
+from .._context import shared_context
 from .._errors import ConnectError, RequestTimeout
 from .._metrics import Metrics
 from .._sockets import CurveOptions, bind, close_socket, connect, make_socket
@@ -165,7 +166,7 @@ def fetch_stats_reply(
     ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
 ) -> StatsReply:
     """Ask a relay's control socket for its stats; the whole reply (node name, uptime)."""
-    context = ctx or zmq.Context.instance()
+    context = ctx or shared_context()
     sock = make_socket(context, zmq.DEALER, curve=curve)
     try:
         connect(sock, endpoint)

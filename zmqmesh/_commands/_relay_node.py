@@ -35,6 +35,7 @@ from patterns.pubsub import Forwarder, Subscriber
 from patterns.streamer import Streamer
 
 from .._config import ForwarderConfig, QueueConfig, RelayConfig, StreamerConfig
+from .._context import new_context
 from .._errors import ConfigError, LocalProtocolError, Timeout
 from .._metrics import Metrics
 from .._metrics_http import MetricsServer
@@ -186,7 +187,7 @@ class RelayNode:
         self.name = config.node.name
         self._metrics_port = metrics_port if metrics_port is not None else config.node.metrics_port
         self._control_ep = control if control is not None else config.node.control
-        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = new_context()
         self._components: list[_Component] = []
         self._control: ControlServer | None = None
         self._http: MetricsServer | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import pkgutil
 from typing import Any
 
@@ -15,6 +16,7 @@ _COLUMNS = (
     ("policy", "policy"),
     ("transport", "transport"),
     ("raw_mode", "raw side"),
+    ("context", "context"),
     ("batch", "batch"),
     ("count", "count"),
     ("size", "size"),
@@ -45,13 +47,23 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         p = benches.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         p.add_argument("--json", action="store_true", help="print results as JSON on stdout")
         p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+        p.add_argument(
+            "--plain-context",
+            action="store_true",
+            help="both sides on pyzmq's default context instead of the one zmqmesh makes "
+            "(IO threads that batch rather than preempt; see zmqmesh.new_context)",
+        )
         module.add_arguments(p)
         p.set_defaults(func=_runner(module))
 
 
 def _runner(module: Any) -> Any:
     def run(args: argparse.Namespace) -> int:
+        # Spawned bench processes inherit the environment, and with it the choice.
+        os.environ[_bench.PLAIN_CONTEXT_ENV] = "1" if args.plain_context else "0"
         rows: list[dict[str, Any]] = module.run(args, _bench.Progress(args.quiet or args.json))
+        for row in rows:
+            row["context"] = "plain" if args.plain_context else "zmqmesh"
         if args.json:
             for row in rows:
                 print(json.dumps(row))

@@ -33,6 +33,7 @@ from typing import Final, Protocol
 import zmq
 
 from .._config import RelayConfig, load_config
+from .._context import new_context
 from .._errors import DiscoveryError, MeshError, SendError
 from .._metrics import Metrics
 from .._sources import EndpointSource, StaticPeers
@@ -94,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     say = Narrator()
     token = secrets.token_hex(3)  # service names of this run, so parallel runs keep apart
     tmp = Path(tempfile.mkdtemp(prefix="zmqmesh-demo-"))
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = new_context()
     say.title(f"zmqmesh demo: a whole mesh on this machine, in six steps (files in {tmp}).")
     try:
         with interrupt_on_sigterm(), contextlib.ExitStack() as stack:

@@ -33,6 +33,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from .._context import new_context
 from .._envelope import Message
 from .._errors import ConfigError, MeshError, Timeout
 from .._sockets import parse_endpoint
@@ -259,7 +260,7 @@ def run_push(args: argparse.Namespace) -> int:
     mesh = MeshFlags(args, "push")
     where = _where(args, mesh)
     headers = _headers(args.header)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = new_context()
     pusher: Pusher | None = None
     linger = args.linger
     try:
@@ -315,7 +316,7 @@ def run_pull(args: argparse.Namespace) -> int:
     _check_delivery(args.delivery, args.dedup, "--dedup", "effectively-once")
     mesh = MeshFlags(args, "pull")
     where = _where(args, mesh)
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = new_context()
     puller: Puller | None = None
     received = 0
     try:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
+from .._context import new_context
 from .._envelope import Message
 from .._errors import ConfigError, Timeout
 from .._sockets import parse_endpoint
@@ -201,7 +202,7 @@ def run_pub(args: argparse.Namespace) -> int:
     where = _where(args, mesh)
     headers = _headers(args.header)
     topic: str = args.topic
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = new_context()
     pub: Publisher | None = None
     try:
         pub = Publisher(**where, last_value=args.last_value, ctx=ctx, name="pub")
@@ -255,7 +256,7 @@ def run_sub(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = new_context()
     sub: Subscriber | None = None
     received = 0
     try:
