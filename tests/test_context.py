@@ -12,6 +12,7 @@ import zmq
 
 from zmqmesh import _context as context_module
 from zmqmesh import new_context, shared_context, tune_context
+from zmqmesh.testing import wait_until
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -40,7 +41,13 @@ def new_io_policies(ctx: zmq.Context[zmq.Socket[bytes]]) -> list[int]:
     sock.linger = 0
     sock.bind("tcp://127.0.0.1:*")
     sock.close(0)
-    return [policy for tid, policy in io_thread_policies().items() if tid not in before]
+
+    def new() -> list[int]:
+        return [policy for tid, policy in io_thread_policies().items() if tid not in before]
+
+    # A new thread names itself (ZMQbg/IO/0) once it runs, a moment after its start.
+    wait_until(lambda: bool(new()), timeout=5, what="the context's IO thread")
+    return new()
 
 
 @linux_only
