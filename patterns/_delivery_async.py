@@ -29,8 +29,8 @@ from zmqmesh import (
     Message,
     Timeout,
     message_id,
+    shared_context,
 )
-from zmqmesh._context import shared_context
 from zmqmesh._spool import _SpoolBase
 from zmqmesh._spool_async import AsyncSpool
 

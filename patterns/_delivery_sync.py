@@ -27,8 +27,8 @@ from zmqmesh import (
     SpoolFull,
     Timeout,
     message_id,
+    shared_context,
 )
-from zmqmesh._context import shared_context
 from zmqmesh._spool import Spool
 
 from ._delivery_core import (

@@ -28,8 +28,8 @@ from zmqmesh import (
     Message,
     RemoteProtocolError,
     Timeout,
+    shared_context,
 )
-from zmqmesh._context import shared_context
 
 from ._delivery_core import SpoolArg, puller_delivery, pusher_delivery
 from ._pipeline_core import Outgoing, SendCore

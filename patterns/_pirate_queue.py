@@ -36,8 +36,8 @@ from zmqmesh import (
     guard_server,
     make_socket,
     observe_age,
+    shared_context,
 )
-from zmqmesh._context import shared_context
 from zmqmesh._deadletter import DeadLetter, DeadLetterSink, MemoryDeadLetters
 from zmqmesh._errors import SpoolError
 from zmqmesh._spool import Spool, SpoolDeadLetters

@@ -39,9 +39,9 @@ from zmqmesh import (
     connect,
     encode_body,
     make_socket,
+    shared_context,
     validate_key,
 )
-from zmqmesh._context import shared_context
 
 from ._proto.pirate_worker import Close, Open, Send, WorkerMachine, WorkItem
 

@@ -30,8 +30,8 @@ from zmqmesh import (
     Metrics,
     ZapGuard,
     observe_age,
+    shared_context,
 )
-from zmqmesh._context import shared_context
 
 from ._proto.pubsub import ForwarderMachine
 from ._pubsub_common import (

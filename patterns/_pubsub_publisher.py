@@ -30,8 +30,8 @@ from zmqmesh import (
     Metrics,
     Timeout,
     ZapGuard,
+    shared_context,
 )
-from zmqmesh._context import shared_context
 
 from ._proto.pubsub import PublisherMachine
 from ._pubsub_common import (

@@ -26,8 +26,8 @@ from zmqmesh import (
     Metrics,
     Timeout,
     connect,
+    shared_context,
 )
-from zmqmesh._context import shared_context
 
 from ._proto.pubsub import DEFAULT_MAX_STREAMS, GapCallback, SubscriberMachine
 from ._pubsub_common import (

@@ -39,9 +39,9 @@ from zmqmesh import (
     encode_body,
     make_socket,
     parse_endpoint,
+    shared_context,
     validate_key,
 )
-from zmqmesh._context import shared_context
 from zmqmesh._envelope import inline_limit
 
 from ._proto.reqrep import Action, ClientMachine, Close, Failed, Open, Outcome, Send

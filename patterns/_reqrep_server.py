@@ -37,8 +37,8 @@ from zmqmesh import (
     encode_body,
     guard_server,
     make_socket,
+    shared_context,
 )
-from zmqmesh._context import shared_context
 from zmqmesh._envelope import inline_limit
 
 from ._proto.reqrep_server import ServerMachine, ServerRequest

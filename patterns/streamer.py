@@ -27,8 +27,8 @@ from zmqmesh import (
     guard_server,
     make_socket,
     observe_age,
+    shared_context,
 )
-from zmqmesh._context import shared_context
 
 __all__ = ["AsyncStreamer", "Streamer"]
 
