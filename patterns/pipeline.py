@@ -29,7 +29,8 @@ from __future__ import annotations
 from ._delivery_async import AsyncAckedPuller, AsyncAckedPusher
 from ._delivery_sync import AckedPuller, AckedPusher
 from ._pipeline_async import AsyncDealer, AsyncPuller, AsyncPusher, AsyncRouter
-from ._pipeline_sync import Dealer, Puller, Pusher, Router
+from ._pipeline_directed import Dealer, Router
+from ._pipeline_sync import Puller, Pusher
 from ._proto.delivery import (
     AT_LEAST_ONCE,
     AT_MOST_ONCE,
