@@ -30,7 +30,7 @@ from zmqmesh import (
     make_socket,
     parse_endpoint,
 )
-from zmqmesh._envelope import INLINE_MAX, Inline
+from zmqmesh._envelope import INLINE_MAX, Inline, InlineReply, inline_limit, read_envelope
 from zmqmesh.testing import ManualClock
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -60,9 +60,35 @@ def test_inline_header_is_data_plus_body_and_not_a_header() -> None:
     assert msgspec.msgpack.decode(frame)[2][:4] == [0, PROTOCOL_VERSION, b"s" * 8, 3]
     assert msgspec.msgpack.decode(frame, type=Inline) == Inline(1, data, b"body")
     assert INLINE_MAX == 8192
-    # Like Batch, it is pipeline-only: the other patterns' decoder refuses it.
+    # Like Batch, it is not a Header: decode_header refuses it (read_envelope opens it).
     with pytest.raises(RemoteProtocolError, match="does not match"):
         decode_header(frame)
+
+
+def test_read_envelope_opens_both_forms_and_says_what_is_wrong() -> None:
+    data = Data(PROTOCOL_VERSION, b"s" * 8, 3, 123, correlation_id=b"c" * 16)
+    reply = Reply(PROTOCOL_VERSION, b"s" * 8, 4, 124, b"c" * 16)
+    enc = msgspec.msgpack.encode
+    assert read_envelope([encode_header(data), b"a", b"b"]) == (data, [b"a", b"b"], False)
+    assert read_envelope([enc(Inline(1, data, b"q"))]) == (data, [b"q"], True)
+    assert read_envelope([enc(InlineReply(1, reply, b"r"))]) == (reply, [b"r"], True)
+    assert read_envelope([encode_header(reply)]) == (reply, [], False)
+    bad = [
+        ([enc(Inline(1, data, b"q")), b"extra"], "1 frames after it"),
+        ([enc(Inline(2, data, b"q"))], "unknown protocol version 2"),
+        ([enc(Inline(1, msgspec.structs.replace(data, version=3), b"q"))], "version 3"),
+        ([b"\xc1 not msgpack"], "not msgpack"),
+        ([enc([9, 1, 2])], "does not match"),
+    ]
+    for frames, reason in bad:
+        with pytest.raises(RemoteProtocolError, match=reason):
+            read_envelope(frames)
+
+
+def test_inline_limit_leaves_room_for_the_header() -> None:
+    assert inline_limit(None) == INLINE_MAX
+    assert inline_limit(64 * 1024 * 1024) == INLINE_MAX
+    assert inline_limit(4000) == 2000 and inline_limit(0) == 0
 
 
 def test_message_ids_unique_and_sequenced() -> None:
