@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -161,10 +161,9 @@ class _Receiver(_End):
 
     _machine: PullMachine
     _ready: collections.deque[Message]
-
-    @staticmethod
-    def _read(sock: Any, m: PullMachine, flags: int) -> Message | None:
-        raise NotImplementedError
+    #: How this socket kind reads one message (`read_pull`, `read_router`, ...),
+    #: set by each subclass as a staticmethod.
+    _read: Callable[[Any, PullMachine, int], Message | None]
 
     def recv(self, timeout: float | None = None) -> Message:
         """The next message; `Timeout` when none came within `timeout` seconds."""

@@ -42,6 +42,7 @@ from zmqmesh import (
     shared_context,
     validate_key,
 )
+from zmqmesh._envelope import inline_limit
 
 from ._proto.pirate_worker import Close, Open, Send, WorkerMachine, WorkItem
 
@@ -117,6 +118,7 @@ class _WorkerCore:
                 wall_ns=time.time_ns,
                 name=name,
                 node_id=node_id,
+                inline_max=inline_limit(max_message_size),
             )
         except ValueError as exc:
             raise ConfigError(f"worker {name}: {exc}") from exc

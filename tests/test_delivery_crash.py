@@ -22,6 +22,7 @@ What is checked is exactly what the README promises:
 
 from __future__ import annotations
 
+import contextlib
 import random
 import subprocess
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 import pytest
 
 from tests._tools import fixed_port
+from zmqmesh.testing import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -107,6 +109,10 @@ class Side:
         self.proc.wait(10)
 
 
+def died(side: Side) -> bool:
+    return side.proc.poll() is not None
+
+
 def run_chaos(tmp_path: Path, delivery: str, total: int, budget: float) -> dict[str, object]:
     endpoint = f"tcp://127.0.0.1:{fixed_port()}"
     sent_log = tmp_path / "sent.log"
@@ -121,14 +127,17 @@ def run_chaos(tmp_path: Path, delivery: str, total: int, budget: float) -> dict[
         while not done.exists():
             elapsed = time.monotonic() - started
             assert elapsed < budget, f"not done after {budget} s"
-            # Pacing the chaos, not synchronising: act every 0.1-0.5 s while
-            # the run lasts; the kills stop after 60% of the budget so it ends.
-            deadline = time.monotonic() + rng.uniform(0.1, 0.5)
-            while time.monotonic() < deadline and not done.exists():
-                for side, name in ((pusher, "pusher"), (puller, "puller")):
-                    if side.proc.poll() is not None and not done.exists():
-                        pytest.fail(f"the {name} died on its own: exit {side.proc.returncode}")
-                time.sleep(0.01)
+            # Act every 0.1-0.5 s while the run lasts (the kills stop after 60%
+            # of the budget so it ends), sooner if it is done or a side died.
+            with contextlib.suppress(TimeoutError):
+                wait_until(
+                    lambda: done.exists() or died(pusher) or died(puller),
+                    timeout=rng.uniform(0.1, 0.5),
+                    interval=0.01,
+                )
+            for side, name in ((pusher, "pusher"), (puller, "puller")):
+                if died(side) and not done.exists():
+                    pytest.fail(f"the {name} died on its own: exit {side.proc.returncode}")
             if done.exists() or elapsed > budget * 0.6:
                 continue
             # Turn about, so both sides are killed however short the run.

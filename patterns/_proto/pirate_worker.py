@@ -197,6 +197,7 @@ class WorkerMachine:
         metrics: Metrics | None = None,
         name: str = "worker",
         sender: bytes | None = None,
+        inline_max: int = INLINE_MAX,
     ) -> None:
         if heartbeat <= 0:
             raise ValueError(f"heartbeat interval must be > 0 seconds, got {heartbeat}")
@@ -211,6 +212,8 @@ class WorkerMachine:
             if ep not in self.endpoints:
                 self.endpoints.append(ep)
         self.name = name
+        #: The largest reply body sent inline to an inline request (0: never).
+        self.inline_max = inline_max if inline_max > 0 else -1  # -1: not even an empty body
         self.metrics = metrics if metrics is not None else Metrics(name)
         self._c = self.metrics.counters
         for key in _COUNTERS:
@@ -330,7 +333,7 @@ class WorkerMachine:
             created_ns=self._wall_ns(),
             correlation_id=item.cid,
         )
-        if item.inline and len(body) == 1 and len(body[0]) <= INLINE_MAX:
+        if item.inline and len(body) == 1 and len(body[0]) <= self.inline_max:
             return [*item.address, b"", _encode(InlineReply(PROTOCOL_VERSION, header, body[0]))]
         return [*item.address, b"", encode_header(header), *body]
 
